@@ -1,0 +1,62 @@
+"""Model loading: a path (HF folder or .gguf file) -> config, host param pytree, tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from tqdm import tqdm
+
+from jaxserve.models.config import ModelConfig, ModelConfigError
+from jaxserve.models.hf_names import WeightError, params_from_hf, required_hf_tensors
+
+
+class ModelLoadError(ValueError):
+    """The path does not hold a model we can load; the message says which file and why."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict          # numpy pytree, see jaxserve.models.llama
+    tokenizer: object     # transformers PreTrainedTokenizerFast
+    source: str
+
+
+def _progress(total: int, desc: str):
+    # Only worth a bar for checkpoints that take a while; tiny test models load silently.
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
+                disable=total < 64, leave=False)
+
+
+def load_model(path: str, dtype: str | None = None) -> LoadedModel:
+    """Load an HF folder or a GGUF file; `dtype` overrides the checkpoint's (float32/bfloat16)."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file or folder")
+    try:
+        if path.endswith(".gguf") and os.path.isfile(path):
+            return _load_gguf(path, dtype)
+        if os.path.isdir(path):
+            return _load_hf_folder(path, dtype)
+    except (ModelConfigError, WeightError) as e:
+        raise ModelLoadError(str(e)) from None
+    raise ModelLoadError(f"{path}: expected a Hugging Face model folder or a .gguf file")
+
+
+def _load_hf_folder(folder: str, dtype: str | None) -> LoadedModel:
+    from jaxserve.loading.hf import SafetensorsFolder, load_tokenizer
+
+    config = ModelConfig.from_folder(folder, dtype=dtype)
+    tensors = SafetensorsFolder(folder)
+    with _progress(len(required_hf_tensors(config)), f"loading {os.path.basename(folder)}") as bar:
+        params = params_from_hf(config, tensors.get, folder, on_tensor=lambda _: bar.update())
+    return LoadedModel(config=config, params=params, tokenizer=load_tokenizer(folder), source=folder)
+
+
+def _load_gguf(path: str, dtype: str | None) -> LoadedModel:
+    from jaxserve.loading.gguf import load_gguf
+
+    g = load_gguf(path, dtype=dtype)
+    params = params_from_hf(g.config, g.tensors.get, path)
+    return LoadedModel(config=g.config, params=params, tokenizer=g.tokenizer, source=path)

@@ -1,0 +1,84 @@
+"""Mapping between Hugging Face tensor names/layouts and our stacked parameter pytree."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.llama import param_shapes
+
+# our per-layer leaf -> (HF name inside "model.layers.{i}.", transpose from HF [out, in])
+_LAYER_NAMES = {
+    "input_norm": ("input_layernorm.weight", False),
+    "post_norm": ("post_attention_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+_TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+
+
+class WeightError(ValueError):
+    """A checkpoint whose tensors do not match the model its config describes."""
+
+
+def required_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape (HF layout) the config implies."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for key, (name, transpose) in _TOP_NAMES.items():
+        if key in shapes:
+            out[name] = tuple(reversed(shapes[key])) if transpose else tuple(shapes[key])
+    for key, shape in shapes["layers"].items():
+        name, transpose = _LAYER_NAMES[key]
+        per_layer = tuple(reversed(shape[1:])) if transpose else tuple(shape[1:])
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{name}"] = per_layer
+    return out
+
+
+def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None) -> dict:
+    """Build the numpy param pytree, reading tensors by HF name through `get_tensor(name)`.
+
+    `get_tensor` returns a numpy array or None when absent; `on_tensor` is called per tensor
+    read (progress bars). Missing tensors and wrong shapes raise WeightError naming both.
+    """
+    np_dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[cfg.dtype]
+    if np_dtype == "bfloat16":
+        import ml_dtypes
+        np_dtype = ml_dtypes.bfloat16
+    expected = required_hf_tensors(cfg)
+
+    def read(name, transpose):
+        arr = get_tensor(name)
+        if arr is None:
+            raise WeightError(f"{source}: missing tensor {name!r} (expected shape {expected[name]})")
+        if tuple(arr.shape) != expected[name]:
+            raise WeightError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                              f"expected {expected[name]}")
+        if on_tensor is not None:
+            on_tensor(name)
+        arr = arr.T if transpose else arr
+        return np.ascontiguousarray(arr.astype(np_dtype))
+
+    shapes = param_shapes(cfg)
+    params = {key: read(*_TOP_NAMES[key]) for key in ("embed", "final_norm", "lm_head") if key in shapes}
+    params["layers"] = {}
+    for key in shapes["layers"]:
+        name, transpose = _LAYER_NAMES[key]
+        params["layers"][key] = np.stack(
+            [read(f"model.layers.{i}.{name}", transpose) for i in range(cfg.num_layers)])
+    return params

@@ -1,0 +1,121 @@
+"""The Llama-family decoder as pure functions over a parameter pytree and an explicit KV cache.
+
+Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) differ only in flags of
+ModelConfig, so one forward serves them all. Layers are stacked on a leading axis and run with
+`lax.scan`: one compiled layer body instead of L copies keeps compile time flat in depth.
+
+Parameter pytree (HF [out, in] matrices stored transposed as [in, out]):
+    embed        [V, H]
+    final_norm   [H]
+    lm_head      [H, V]             (absent when embeddings are tied)
+    layers/      every leaf has a leading [L] axis:
+      input_norm [L, H]    post_norm [L, H]
+      q_proj [L, H, Hq*D]  k_proj [L, H, Hkv*D]  v_proj [L, H, Hkv*D]  o_proj [L, Hq*D, H]
+      q_bias [L, Hq*D]  k_bias/v_bias [L, Hkv*D]            (Qwen2)
+      q_norm [L, D]  k_norm [L, D]                           (Qwen3)
+      gate_proj [L, H, F]  up_proj [L, H, F]  down_proj [L, F, H]
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.models.batch import ForwardBatch, KVCache
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# attention_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+#              *, sm_scale, soft_cap, sliding_window) -> [T, Hq, D]; see pallas_kernels.reference
+AttentionFn = Callable[..., jnp.ndarray]
+
+
+def rms_norm(x, weight, eps):
+    """HF's LlamaRMSNorm: normalize in f32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The pytree of parameter shapes (same structure as the params)."""
+    H, L, V, F, D = cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.intermediate_size, cfg.head_dim
+    q_out, kv_out = cfg.num_heads * D, cfg.num_kv_heads * D
+    layers = {
+        "input_norm": (L, H), "post_norm": (L, H),
+        "q_proj": (L, H, q_out), "k_proj": (L, H, kv_out), "v_proj": (L, H, kv_out),
+        "o_proj": (L, q_out, H),
+        "gate_proj": (L, H, F), "up_proj": (L, H, F), "down_proj": (L, F, H),
+    }
+    if cfg.attention_bias:
+        layers.update(q_bias=(L, q_out), k_bias=(L, kv_out), v_bias=(L, kv_out))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, D), k_norm=(L, D))
+    shapes = {"embed": (V, H), "final_norm": (H,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (H, V)
+    return shapes
+
+
+def _attention_block(cfg, attention_fn, lp, h, cos, sin, k_cache, v_cache, layer, batch):
+    T = h.shape[0]
+    D = cfg.head_dim
+    x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    q = x @ lp["q_proj"]  # [T, Hq*D]
+    k = x @ lp["k_proj"]  # [T, Hkv*D]
+    v = x @ lp["v_proj"]
+    if cfg.attention_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    q = q.reshape(T, cfg.num_heads, D)
+    k = k.reshape(T, cfg.num_kv_heads, D)
+    v = v.reshape(T, cfg.num_kv_heads, D)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    # Write this step's K/V into their pages first: attention then reads one uniform paged
+    # context. Padding rows carry page == num_pages and are dropped by the scatter.
+    k_cache = k_cache.at[layer, batch.slot_pages, :, batch.slot_offsets].set(
+        k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, batch.slot_pages, :, batch.slot_offsets].set(
+        v.astype(v_cache.dtype), mode="drop")
+    o = attention_fn(q, k_cache, v_cache, layer, batch.kv_lens, batch.page_indices,
+                     batch.cu_q_lens, batch.num_seqs, sm_scale=D ** -0.5, soft_cap=None,
+                     sliding_window=cfg.sliding_window)  # [T, Hq, D]
+    return h + o.reshape(T, -1) @ lp["o_proj"], k_cache, v_cache
+
+
+def _mlp_block(cfg, lp, h):
+    x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
+    return h + (jax.nn.silu(x @ lp["gate_proj"]) * (x @ lp["up_proj"])) @ lp["down_proj"]
+
+
+def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelConfig,
+            attention_fn: AttentionFn):
+    """One model step over a ragged batch.
+
+    Returns (new kv_cache, logits f32[N, V]) for the rows in batch.logits_indices.
+    """
+    dtype = params["embed"].dtype
+    h = params["embed"][batch.token_ids]  # [T, H]
+    cos, sin = rope_cos_sin(batch.positions, inverse_frequencies(cfg), dtype)
+
+    def layer_step(carry, xs):
+        h, k_cache, v_cache = carry
+        lp, layer = xs
+        h, k_cache, v_cache = _attention_block(cfg, attention_fn, lp, h, cos, sin,
+                                               k_cache, v_cache, layer, batch)
+        h = _mlp_block(cfg, lp, h)
+        return (h, k_cache, v_cache), None
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (h, k_cache, v_cache), _ = jax.lax.scan(
+        layer_step, (h, kv_cache.k, kv_cache.v), (params["layers"], layer_ids))
+    h = h[batch.logits_indices]  # [N, H]
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)  # [N, V]
+    return KVCache(k=k_cache, v=v_cache), logits
