@@ -33,13 +33,17 @@ class SingleSequenceDriver:
         return KVCache.zeros(c.num_layers, self.num_pages, c.num_kv_heads, PAGE_SIZE, c.head_dim,
                              self.dtype)
 
-    def batch(self, token_ids, start: int, all_logits: bool):
+    def batch(self, token_ids, start: int, all_logits: bool, pad_to: int = 1):
         n = len(token_ids)
-        pos = np.arange(start, start + n, dtype=np.int32)
+        padded = -(-n // pad_to) * pad_to  # fewer distinct shapes, fewer compiles
+        pos = np.arange(start, start + padded, dtype=np.int32)
+        pages = np.where(np.arange(padded) < n, pos // PAGE_SIZE, self.num_pages)  # pad: dropped
+        ids = np.zeros(padded, np.int32)
+        ids[:n] = token_ids
         return ForwardBatch(
-            token_ids=jnp.asarray(np.asarray(token_ids, np.int32)),
+            token_ids=jnp.asarray(ids),
             positions=jnp.asarray(pos),
-            slot_pages=jnp.asarray(pos // PAGE_SIZE),
+            slot_pages=jnp.asarray(pages.astype(np.int32)),
             slot_offsets=jnp.asarray(pos % PAGE_SIZE),
             kv_lens=jnp.asarray([start + n], jnp.int32),
             page_indices=jnp.arange(self.num_pages, dtype=jnp.int32)[None, :],
@@ -53,7 +57,8 @@ class SingleSequenceDriver:
         return np.asarray(logits)
 
     def greedy(self, token_ids, max_new: int) -> list[int]:
-        cache, logits = self.forward(self.params, self.new_cache(), self.batch(token_ids, 0, False))
+        cache, logits = self.forward(self.params, self.new_cache(),
+                                     self.batch(token_ids, 0, False, pad_to=32))
         out = [int(np.argmax(logits[0]))]
         pos = len(token_ids)
         while len(out) < max_new:

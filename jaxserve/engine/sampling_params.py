@@ -1,12 +1,22 @@
 """SamplingParams: what one request asks of the sampler, with vLLM's names and ranges.
 
 Host-side only (no jax). Validated at construction: a bad value raises SamplingParamsError naming
-the parameter, which the server turns into a 400 with that `param`.
+the parameter, which the server turns into a 400 with that `param`. Messages follow vLLM's
+(`vllm/sampling_params.py`) where vLLM has one. The runner's sampler (runner/sampling.py) packs
+these into fixed-width arrays, hence the two size caps below.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+
+# The sampler holds logit_bias and stop_token_ids in fixed-width arrays so that their shapes never
+# change between steps (a new shape would recompile the step); these are those widths.
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_STOP_TOKEN_IDS = 64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class SamplingParamsError(ValueError):
@@ -17,18 +27,26 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     n: int = 1
     max_tokens: int | None = 16
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # -1: none, as in vLLM
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -36,21 +54,65 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs per generated token (0: only the sampled one)
     prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[int, float] | None = None  # JSON gives string keys: converted to int
     skip_special_tokens: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise SamplingParamsError("stop_token_ids", "stop_token_ids must be a list of integers.")
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))  # dedup, keep order
         if self.top_k == -1:
             self.top_k = 0
+        if self.seed == -1:
+            self.seed = None
+        self.logit_bias = self._convert_logit_bias(self.logit_bias)
         self._validate()
+
+    @staticmethod
+    def _convert_logit_bias(bias) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise SamplingParamsError("logit_bias", "logit_bias must be an object mapping token "
+                                      "ids to bias values.")
+        out = {}
+        for token, value in bias.items():
+            try:
+                if isinstance(token, (bool, float)):
+                    raise ValueError
+                tid = int(token)
+            except (TypeError, ValueError):
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias contains a key that is not an integer token id: "
+                    f"{token!r}.") from None
+            if not _is_number(value):
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias values must be numbers, got {value!r} for token "
+                    f"{tid}.")
+            out[tid] = float(value)
+        return out
 
     def _validate(self):
         def bad(param, msg):
             raise SamplingParamsError(param, msg)
+
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                bad(name, f"{name} must be an integer, got {type(getattr(self, name)).__name__}.")
+        for name in ("max_tokens", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                bad(name, f"{name} must be an integer, got {type(value).__name__}.")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                bad(name, f"{name} must be a number, got {type(value).__name__}.")
+            if not math.isfinite(value):
+                bad(name, f"{name} must be a finite number, got {value}.")
 
         if self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}.")
@@ -79,8 +141,49 @@ class SamplingParams:
             bad("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}.")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}.")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            bad("seed", f"seed must be a non-negative integer below 2**63, got {self.seed}.")
+        if self.seed is not None and not _INT64_MIN <= self.seed <= _INT64_MAX:
+            bad("seed", f"seed must be a 64-bit signed integer, got {self.seed}.")
+        # vLLM rejects n > 1 with greedy sampling ("n must be 1 when using greedy sampling");
+        # jaxserve allows it (the n copies are identical), which the server tests rely on.
+
+        if any(not isinstance(s, str) for s in self.stop):
+            bad("stop", "stop must be a string or a list of strings.")
+        if any(not s for s in self.stop):
+            bad("stop", "stop cannot contain an empty string.")
+        if any(not _is_int(t) for t in self.stop_token_ids):
+            bad("stop_token_ids", f"stop_token_ids must contain only integers, got "
+                f"{self.stop_token_ids}.")
+        if any(t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"stop_token_ids can hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}.")
+
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+                bad("logit_bias", f"logit_bias can hold at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+                    f"got {len(self.logit_bias)}.")
+            for tid, value in self.logit_bias.items():
+                if tid < 0:
+                    bad("logit_bias", f"logit_bias token ids must be non-negative, got {tid}.")
+                if not -100.0 <= value <= 100.0:  # also rejects NaN
+                    bad("logit_bias", f"logit_bias values must be in [-100, 100], got {value} "
+                        f"for token {tid}.")
+
+    def verify_token_ids(self, vocab_size: int) -> None:
+        """Check the token ids this request names against the model's vocabulary; the engine
+        calls it once at admission, where the vocabulary size is known."""
+        if self.logit_bias:
+            bad = sorted(t for t in self.logit_bias if t >= vocab_size)
+            if bad:
+                raise SamplingParamsError(
+                    "logit_bias", f"token_id(s) {bad} in logit_bias contain out-of-vocab token "
+                    f"ids. Vocabulary size: {vocab_size}")
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                "stop_token_ids", f"token_id(s) {bad} in stop_token_ids contain out-of-vocab "
+                f"token ids. Vocabulary size: {vocab_size}")
 
     @property
     def greedy(self) -> bool:

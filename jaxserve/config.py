@@ -1,0 +1,64 @@
+"""Frozen engine configuration, built once (serve.py or LLM.__init__) and validated here.
+
+No jax import: the server builds these too. Messages name the flag a user would change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16
+    num_pages: int | None = None             # fixes the pool size; overrides the budgets below
+    kv_cache_memory_bytes: int | None = None  # CPU budget; default 512 MiB
+    gpu_memory_utilization: float = 0.9       # fraction of device memory jaxserve may use
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"--page-size must be a power of two, got {self.page_size}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(f"--num-pages must be at least 2, got {self.num_pages}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped)
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at "
+                              f"least --max-num-seqs ({self.max_num_seqs})")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str | None = None              # None: the checkpoint's dtype
+    seed: int = 0
+    attention_backend: str | None = None  # None: the fastest correct variant for the platform
+    tensor_parallel_size: int = 1
+    sharding_config: str | None = None
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self):
+        if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")

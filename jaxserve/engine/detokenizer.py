@@ -1,0 +1,151 @@
+"""Incremental detokenization and stop strings, one generated token at a time (host side, no jax).
+
+The engine feeds each sampled id to `IncrementalDetokenizer.add_token` and streams the returned
+delta; `text` is the output text streamed so far, which is what the server diffs against.
+
+Why a window: decoding one token alone is wrong in two ways. A byte-level BPE token may hold only
+part of a UTF-8 character (decode gives U+FFFD until the rest arrives), and SentencePiece drops the
+leading space of the first token of any decode. So each step decodes a short window of preceding
+tokens with and without the new ones and emits the difference, and waits while the text ends in
+an incomplete character (the idea of vLLM's detokenize_incrementally, on ids).
+
+Stop strings: the earliest occurrence of any stop string in the new text, including one that
+started in earlier tokens, ends the output; the text is cut before it (or after it with
+include_stop_str_in_output). Text that could still turn out to be the start of a stop string is
+held back from the stream until the next tokens settle it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxserve.engine.sampling_params import SamplingParams
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens decoded in front of the first output token, so its leading space and any
+# merge with the prompt's tail come out as they would in a full decode (vLLM uses 5 too).
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    """Turns one request's generated ids into streamed text deltas, watching for stop strings.
+
+    add_token(id) -> (delta, stop): the text newly safe to stream, and the stop string that ended
+    the output (None while running). After a stop string, add_token must not be called again.
+    flush() -> delta: at the end of a request that stopped any other way (length, EOS, stop token,
+    abort), releases the held-back text and any incomplete trailing character.
+
+    Following vLLM, an engine that stops on EOS or a stop_token_id does not feed that token here
+    unless include_stop_str_in_output is set (its text is not part of the output); it calls
+    flush() instead.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self.stops = list(params.stop or [])
+        self.include_stop = params.include_stop_str_in_output
+        self._max_stop = max((len(s) for s in self.stops), default=0)
+        # Only the tail of the prompt matters for decoding; the window grows with the outputs.
+        self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self._read = len(self._ids)  # ids before this are already in the text
+        self._prefix = 0             # start of the decode window (context for the next ids)
+        self._text = ""              # decoded output text (complete characters only)
+        self._emitted = 0            # characters of _text already streamed
+        self.stop_reason: str | None = None
+        self.num_output_tokens = 0
+
+    @property
+    def text(self) -> str:
+        """The output text streamed so far (final once stopped or flushed)."""
+        return self._text[:self._emitted]
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is not None
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of spaces: "a ." -> "a." would change text already streamed.
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def _new_text(self, force: bool) -> str:
+        """Text of the ids after _read, given the window before it; '' while incomplete."""
+        if self._read == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        if len(full_text) <= len(prefix_text):
+            return ""  # e.g. a skipped special token: nothing new, keep the window as it is
+        if full_text.endswith(_REPLACEMENT) and not force:
+            return ""  # part of a multi-byte character; wait for the rest
+        self._prefix, self._read = self._read, len(self._ids)
+        return full_text[len(prefix_text):]
+
+    # -- stop strings -------------------------------------------------------------------------
+    def _find_stop(self, new_from: int) -> tuple[int, str] | None:
+        """Earliest stop string overlapping text[new_from:]; ties go to the first listed."""
+        start = max(0, new_from - self._max_stop + 1)
+        best = None
+        for s in self.stops:
+            i = self._text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of some stop string: the
+        characters that must not be streamed yet because a stop string may start there."""
+        if self.include_stop or not self.stops:
+            return 0  # a stop string is part of the output then, so nothing can be taken back
+        tail = self._text[-(self._max_stop - 1):] if self._max_stop > 1 else ""
+        for n in range(len(tail), 0, -1):
+            suffix = tail[-n:]
+            if any(len(s) > n and s.startswith(suffix) for s in self.stops):
+                return n
+        return 0
+
+    def _advance(self, new: str, flush: bool) -> tuple[str, str | None]:
+        new_from = len(self._text)
+        self._text += new
+        if self.stops and new:
+            hit = self._find_stop(new_from)
+            if hit is not None:
+                i, s = hit
+                self._text = self._text[:i + len(s) if self.include_stop else i]
+                self.stop_reason = s
+                delta = self._text[self._emitted:]
+                self._emitted = len(self._text)
+                return delta, s
+        upto = len(self._text) if flush else len(self._text) - self._held_back()
+        delta = self._text[self._emitted:upto]
+        self._emitted = max(self._emitted, upto)
+        return delta, None
+
+    # -- public -------------------------------------------------------------------------------
+    def add_token(self, token_id: int) -> tuple[str, str | None]:
+        """Append one generated id; return (text delta to stream, stop string or None)."""
+        if self.finished:
+            raise RuntimeError(f"output already ended at stop string {self.stop_reason!r}")
+        self._ids.append(int(token_id))
+        self.num_output_tokens += 1
+        return self._advance(self._new_text(force=False), flush=False)
+
+    def add_tokens(self, token_ids: Sequence[int]) -> tuple[str, str | None]:
+        """add_token over several ids; stops at the first stop string."""
+        out = []
+        for t in token_ids:
+            delta, stop = self.add_token(t)
+            out.append(delta)
+            if stop is not None:
+                return "".join(out), stop
+        return "".join(out), None
+
+    def flush(self) -> str:
+        """End of output: stream whatever was held back (incomplete characters included, as
+        U+FFFD, as a full decode shows them). Returns the delta; idempotent."""
+        if self.finished:
+            return ""
+        delta, stop = self._advance(self._new_text(force=True), flush=True)
+        return delta

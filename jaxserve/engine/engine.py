@@ -1,0 +1,230 @@
+"""LLMEngine: add_request / abort_request / step. The loop fits on one screen:
+schedule -> runner.execute -> scheduler.update_from_output -> detokenize, stop strings, outputs.
+
+Host-side only: the runner (device side) is handed in, so this module never imports jax.
+A request with n > 1 becomes n child sequences in the scheduler (ids "<id>#<i>"); they share the
+prompt's full pages through the prefix cache, and their outputs are reassembled here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.engine.outputs import CompletionOutput, RequestOutput
+from jaxserve.engine.request import Request, RequestStatus
+from jaxserve.engine.sampling_params import SamplingParams
+from jaxserve.engine.scheduler import RequestRejectedError, Scheduler
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One of the n sequences of a request, with its detokenizer and logprobs."""
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, runner, tokenizer, *, eos_token_ids, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, page_size: int,
+                 enable_prefix_caching: bool = True, vocab_size: int, seed: int = 0):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.block_manager = BlockManager(runner.num_pages, page_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   max_model_len)
+        self._states: dict[str, _RequestState] = {}
+        self._parent_of: dict[str, tuple[str, int]] = {}  # child id -> (request id, index)
+        self._rng = random.Random(seed)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; raises RequestRejectedError (with .param) for bad input."""
+        if request_id in self._states:
+            raise RequestRejectedError("request_id", f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self._validate_prompt(ids, params)
+        state = _RequestState(request_id, text, ids, params, samples=[],
+                              arrival_time=arrival_time or time.monotonic())
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + i, n=1)
+            req = Request(f"{request_id}#{i}" if params.n > 1 else request_id, ids, child_params,
+                          arrival_time=state.arrival_time, eos_token_ids=self.eos_token_ids)
+            req.sampling_salt = self._rng.getrandbits(32)  # unseeded streams differ per sample
+            req.skip_prefix_cache = params.prompt_logprobs is not None and i == 0
+            detok = IncrementalDetokenizer(self.tokenizer, ids, child_params)
+            state.samples.append(_Sample(req, detok, [] if params.logprobs is not None else None))
+            children.append(req)
+        for i, req in enumerate(children):
+            try:
+                self.scheduler.add_request(req)
+            except RequestRejectedError:
+                for added in children[:i]:
+                    self.scheduler.abort_request(added.request_id)
+                    self._parent_of.pop(added.request_id, None)
+                raise
+            self._parent_of[req.request_id] = (request_id, i)
+        self._states[request_id] = state
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestRejectedError("prompt", "the prompt is empty; at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejectedError("prompt", f"token id {bad[0]} is out of vocabulary "
+                                       f"(the model has {self.vocab_size} tokens)")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise RequestRejectedError(
+                "input_tokens", f"This model's maximum context length is {limit} tokens. However, "
+                f"your prompt contains {len(ids)} input tokens, which leaves no room for output.")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise RequestRejectedError(
+                "max_tokens", f"This model's maximum context length is {limit} tokens. However, "
+                f"you requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
+                "or max_tokens.")
+
+    def abort_request(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        for sample in state.samples:
+            self.scheduler.abort_request(sample.request.request_id)
+            self._parent_of.pop(sample.request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._states)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return outputs of requests that progressed (or finished)."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        reqs = []
+        want_prompt_logprobs = False
+        for s in sched.scheduled:
+            reqs.append(s.request)
+            state = self._state_of(s.request)
+            if state is not None and state.first_scheduled_time is None:
+                state.first_scheduled_time = now
+            if state is not None and state.prompt_logprobs is not None and s.is_prefill:
+                want_prompt_logprobs = True
+        prompt_targets = None
+        if want_prompt_logprobs:
+            prompt_targets = [self._next_tokens(s) for s in sched.scheduled]
+        out = self.runner.execute(sched.scheduled, reqs, prompt_targets=prompt_targets)
+        if want_prompt_logprobs:
+            self._record_prompt_logprobs(sched.scheduled, out)
+        sampled = {}
+        for i, s in enumerate(sched.scheduled):
+            if s.sample:
+                sampled[s.request_id] = int(out.token_ids[i])
+                self._record_logprobs(s.request, out, i)
+        updated = self.scheduler.update_from_output(sched, sampled)
+        touched = {}
+        for req in updated:
+            state = self._state_of(req)
+            if state is None:
+                continue
+            sample = state.samples[self._index_of(req)]
+            _, stop_str = sample.detok.add_token(req.output_token_ids[-1])
+            if stop_str is not None and not req.is_finished:
+                self.scheduler.abort_request(req.request_id)  # frees its pages now
+                req.status = RequestStatus.RUNNING  # then mark it stopped, not aborted
+                req.finish(RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
+            touched[state.request_id] = state
+        return [self._output(state) for state in touched.values()]
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _state_of(self, req: Request) -> _RequestState | None:
+        parent = self._parent_of.get(req.request_id)
+        return None if parent is None else self._states.get(parent[0])
+
+    def _index_of(self, req: Request) -> int:
+        return self._parent_of[req.request_id][1]
+
+    def _next_tokens(self, s) -> list[int]:
+        toks = s.request.all_token_ids
+        return [toks[p + 1] if p + 1 < len(toks) else -1
+                for p in range(s.start_pos, s.start_pos + s.num_new_tokens)]
+
+    def _record_prompt_logprobs(self, scheduled, out) -> None:
+        row = 0
+        for s in scheduled:
+            state = self._state_of(s.request)
+            n = s.num_new_tokens
+            if state is not None and state.prompt_logprobs is not None and s.is_prefill \
+                    and self._index_of(s.request) == 0:
+                k = state.params.prompt_logprobs
+                for r in range(row, row + n):
+                    pos = s.start_pos + (r - row) + 1  # the prompt token this row predicts
+                    if pos >= len(state.prompt_token_ids):
+                        break
+                    entry = {state.prompt_token_ids[pos]: float(out.prompt_logprobs[r])}
+                    for j in range(k):
+                        entry.setdefault(int(out.prompt_top_token_ids[r, j]),
+                                         float(out.prompt_top_logprobs[r, j]))
+                    state.prompt_logprobs.append(entry)
+            row += n
+
+    def _record_logprobs(self, req: Request, out, i: int) -> None:
+        state = self._state_of(req)
+        if state is None:
+            return
+        sample = state.samples[self._index_of(req)]
+        lp = float(out.logprobs[i])
+        sample.cumulative_logprob += lp
+        if sample.logprobs is not None:
+            entry = {int(out.token_ids[i]): lp}
+            for j in range(state.params.logprobs):
+                entry.setdefault(int(out.top_token_ids[i, j]), float(out.top_logprobs[i, j]))
+            sample.logprobs.append(entry)
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        outs = []
+        for i, sample in enumerate(state.samples):
+            req = sample.request
+            outs.append(CompletionOutput(
+                index=i, text=sample.detok.text, token_ids=list(req.output_token_ids),
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                logprobs=sample.logprobs, cumulative_logprob=sample.cumulative_logprob))
+        finished = all(o.finish_reason is not None for o in outs)
+        if finished:
+            self._states.pop(state.request_id, None)
+            for sample in state.samples:
+                self._parent_of.pop(sample.request.request_id, None)
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
+                             finished=finished, prompt_logprobs=state.prompt_logprobs,
+                             num_cached_tokens=state.samples[0].request.num_cached_tokens)

@@ -1,0 +1,287 @@
+"""Scheduler: continuous batching under a token budget, chunked prefill, prefix hits, preemption.
+
+Each step the engine calls schedule(), hands the SchedulerOutput to the runner (which packs it
+into padded arrays and runs the model), then calls update_from_output() with the sampled ids.
+The two calls alternate strictly: step N's update comes before step N+1's schedule.
+
+One mechanism covers every case (vLLM v1): a request needs `num_tokens - num_computed_tokens`
+new tokens. A decode needs 1; a fresh prompt needs all of it, minus what the prefix cache
+already holds; a preempted request needs everything again (recompute). When a request's need
+exceeds the remaining budget it gets a chunk (chunked prefill), and the step samples a token
+only for sequences whose chunk reaches the end of their known tokens.
+
+Policy, per step:
+  1. Running requests, decodes first (they are one token each and latency-bound), then the
+     running ones still in prefill, each in arrival order.
+  2. If nothing was preempted, waiting requests in arrival order (strict FCFS: if the head does
+     not fit, nobody behind it jumps the queue, so nobody starves), while the token budget,
+     max_num_seqs and the page pool allow. Admitting behind a preemption would only thrash.
+When a running request cannot get a page, the most recently arrived running request is
+preempted (its pages freed, num_computed_tokens = 0) and goes back to the waiting queue ahead
+of every request that arrived after it. If that is the request itself, it waits. The oldest
+running request can always grow, because add_request rejects any request whose largest K/V
+footprint exceeds the whole pool: so the scheduler never fails and never deadlocks.
+
+Aborts free pages immediately. That is safe while a step is in flight: shared pages are never
+written (see block_manager), and device steps run in order, so a page reused next step is
+written only after the in-flight step is done with it. update_from_output skips requests that
+finished meanwhile.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.request import Request, RequestStatus
+
+
+class RequestRejectedError(ValueError):
+    """The request can never be served with this configuration; `param` names the culprit."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class ScheduledSequence:
+    """One request's slice of a step: feed token_ids at positions start_pos.. end_pos - 1."""
+
+    request: Request
+    num_new_tokens: int
+    start_pos: int  # = request.num_computed_tokens before the step
+    token_ids: list[int]  # len num_new_tokens
+    page_ids: list[int]  # the request's page table, covering positions [0, end_pos)
+    sample: bool  # the chunk reaches the last known token: the step samples one for it
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def end_pos(self) -> int:
+        """Context length after the step (the kv length attention sees)."""
+        return self.start_pos + self.num_new_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start_pos < self.request.num_prompt_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]  # decodes, then running prefills, then new admissions
+    num_scheduled_tokens: int  # sum of num_new_tokens
+    preempted_ids: list[str]  # requests whose pages were freed this step (recomputed later)
+    finished_ids: list[str]  # finished or aborted since the last schedule(): drop their state
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            # Otherwise running decodes alone could use the whole budget forever.
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at "
+                             f"least max_num_seqs ({max_num_seqs})")
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        # Both queues are kept sorted by arrival order (the order add_request saw them).
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._arrival: dict[str, int] = {}
+        self._next_arrival = 0
+        self._finished_ids: list[str] = []
+
+        self.num_preemptions = 0  # total over the scheduler's life (Prometheus counter)
+
+    # ------------------------------------------------------------------ queue state
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _insert_by_arrival(self, queue: list[Request], request: Request) -> None:
+        order = self._arrival
+        index = bisect.bisect_right(queue, order[request.request_id],
+                                    key=lambda r: order[r.request_id])
+        queue.insert(index, request)
+
+    # ------------------------------------------------------------------ admission and abort
+
+    def max_kv_tokens(self, request: Request) -> int:
+        """The most tokens whose K/V this request can ever hold (its last token never needs K/V)."""
+        limit = self.max_model_len
+        if request.max_tokens is not None:
+            limit = min(limit, request.num_tokens + request.max_tokens)
+        return max(request.num_tokens, limit - 1)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raise RequestRejectedError if it could never be served."""
+        if request.request_id in self.requests:
+            raise RequestRejectedError("request_id", f"request id {request.request_id!r} is already in use")
+        if request.num_tokens == 0:
+            raise RequestRejectedError("prompt", "the prompt is empty; at least one token is needed")
+        if request.num_tokens > self.max_model_len:
+            raise RequestRejectedError(
+                "prompt", f"this model's maximum context length is {self.max_model_len} tokens, "
+                f"but the prompt has {request.num_tokens} tokens")
+        pool = self.block_manager
+        needed = pool.pages_for(self.max_kv_tokens(request))
+        if needed > pool.num_pages:
+            raise RequestRejectedError(
+                "max_tokens", f"the request may need {self.max_kv_tokens(request)} tokens of KV cache "
+                f"({needed} pages of {pool.page_size}) but the whole cache holds "
+                f"{pool.num_pages * pool.page_size}; lower max_tokens or shorten the prompt")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._arrival[request.request_id] = self._next_arrival
+        self._next_arrival += 1
+        self.waiting.append(request)  # the newest arrival sorts last
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finish a request as aborted and free its pages now; None if unknown or already done."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.finish(RequestStatus.FINISHED_ABORTED)
+        self._retire(request)
+        return request
+
+    def _retire(self, request: Request) -> None:
+        self.block_manager.free(request)
+        del self.requests[request.request_id]
+        del self._arrival[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._insert_by_arrival(self.waiting, request)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        pool = self.block_manager
+        chosen: dict[str, int] = {}  # request id -> num_new_tokens, in batch order
+        preempted: list[str] = []
+
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this pass
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not pool.allocate_slots(request, num_new):
+                victim = self.running[-1]  # the most recently arrived
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+                budget += chosen.pop(victim.request_id, 0)  # it may have been scheduled already
+            else:
+                chosen[request.request_id] = num_new
+                budget -= num_new
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting[0]
+                if request.page_ids:  # forked by the engine: already holds computed pages
+                    cached_pages, num_cached = None, 0
+                else:
+                    cached_pages, num_cached = pool.get_computed_pages(request)
+                num_computed = request.num_computed_tokens + num_cached
+                num_new = min(request.num_tokens - num_computed, budget)
+                if not pool.allocate_slots(request, num_new, cached_pages=cached_pages):
+                    break  # strict FCFS: the head waits for pages, and so does everyone behind it
+                self.waiting.pop(0)
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens = num_computed
+                request.num_computed_tokens = num_computed
+                request.status = RequestStatus.RUNNING
+                self._insert_by_arrival(self.running, request)
+                chosen[request.request_id] = num_new
+                budget -= num_new
+
+        # Built last: a preemption above may have dropped a sequence chosen earlier.
+        scheduled = []
+        for request_id, num_new in chosen.items():
+            request = self.requests[request_id]
+            start = request.num_computed_tokens
+            scheduled.append(ScheduledSequence(
+                request=request, num_new_tokens=num_new, start_pos=start,
+                token_ids=request.all_token_ids[start:start + num_new],
+                page_ids=list(request.page_ids),
+                sample=start + num_new == request.num_tokens))
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            preempted_ids=preempted,
+            finished_ids=finished_ids)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           sampled_token_ids: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests by the step's results.
+
+        Returns the requests that got a new token, in batch order; those that finished have
+        their finish_reason set and their pages already released (full pages stay cached).
+        """
+        pool = self.block_manager
+        updated = []
+        for seq in scheduler_output.scheduled:
+            request = seq.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            if request.num_computed_tokens != seq.start_pos:
+                raise RuntimeError(f"request {request.request_id} was updated twice for one step "
+                                   "(schedule and update_from_output must alternate)")
+            request.num_computed_tokens += seq.num_new_tokens
+            pool.cache_full_pages(request)
+            if not seq.sample:
+                continue
+            if request.request_id not in sampled_token_ids:
+                raise KeyError(f"no sampled token for request {request.request_id}, whose chunk "
+                               "reached the end of its tokens")
+            finished = request.append_output_token(sampled_token_ids[request.request_id],
+                                                   self.max_model_len)
+            updated.append(request)
+            if finished:
+                self.running.remove(request)
+                self._retire(request)
+        return updated

@@ -1,0 +1,132 @@
+"""The offline API, shaped like vLLM's: LLM(model=...).generate(prompts, params) and .chat(...).
+
+This is where the device side (runner) and the host side (engine) meet: `build_engine` loads the
+model, plans memory, compiles every bucket, and hands the runner to an LLMEngine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.sampling_params import SamplingParams
+
+# The engine's default context when neither the user nor memory limits it: long contexts cost a
+# wider page table in every step, so we do not default to a model's 128k.
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def resolve_attention(name: str | None):
+    """The attention function for a registry name; None picks the platform's default."""
+    import jax
+    from pallas_kernels import registry
+
+    platform = jax.devices()[0].platform
+    name = name or registry.default_variant(platform)
+    fn = registry.get_attention_fn(name)
+    if platform == "cpu" and name != "reference":
+        import functools
+        fn = functools.partial(fn, interpret=True)  # Pallas runs on CPU only in interpret mode
+    return name, fn
+
+
+def build_engine(config: EngineConfig, *, warmup: bool = True, log=None) -> LLMEngine:
+    from jaxserve.loading import load_model
+    from jaxserve.runner.runner import ModelRunner
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    dtype = None if config.dtype in (None, "auto") else config.dtype
+    loaded = load_model(config.model, dtype=dtype)
+    cfg = loaded.config
+    max_model_len = config.scheduler.max_model_len or min(cfg.max_position_embeddings,
+                                                          DEFAULT_MAX_MODEL_LEN)
+    if max_model_len > cfg.max_position_embeddings:
+        log(f"warning: --max-model-len {max_model_len} exceeds the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})")
+    name, attention_fn = resolve_attention(config.attention_backend)
+    log(f"model {config.model}: {cfg.architecture}, {cfg.num_layers} layers, {cfg.dtype}, "
+        f"attention backend {name}, max_model_len {max_model_len}")
+    runner = ModelRunner(loaded, config, max_model_len, attention_fn, log=log)
+    if warmup:
+        runner.warmup()
+    eos = set(cfg.eos_token_ids)
+    if loaded.tokenizer.eos_token_id is not None:
+        eos.add(loaded.tokenizer.eos_token_id)
+    sched = config.scheduler
+    engine = LLMEngine(runner, loaded.tokenizer, eos_token_ids=eos,
+                       max_num_seqs=sched.max_num_seqs,
+                       max_num_batched_tokens=sched.max_num_batched_tokens,
+                       max_model_len=max_model_len, page_size=config.cache.page_size,
+                       enable_prefix_caching=config.cache.enable_prefix_caching,
+                       vocab_size=cfg.vocab_size, seed=config.seed)
+    engine.model_config = cfg
+    return engine
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str | None = None, seed: int = 0,
+                 max_model_len: int | None = None, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 256, page_size: int = 16,
+                 num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                 attention_backend: str | None = None, tensor_parallel_size: int = 1,
+                 sharding_config: str | None = None, warmup: bool = True):
+        if model is None:
+            from checkpoints.default_model import ensure_default_model
+            model = ensure_default_model()
+        self.config = EngineConfig(
+            model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
+            tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
+            cache=CacheConfig(page_size=page_size, num_pages=num_pages,
+                              kv_cache_memory_bytes=kv_cache_memory_bytes,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len))
+        self.engine = build_engine(self.config, warmup=warmup)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids or a list of such lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        order = []
+        for prompt, p in zip(prompts, params_list):
+            rid = f"offline-{next(self._ids)}"
+            self.engine.add_request(rid, prompt, p)
+            order.append(rid)
+        return self._run(order)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [tok.apply_chat_template(conv, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+                   for conv in conversations]
+        ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(ids, sampling_params)
+        for out, text in zip(outs, prompts):
+            out.prompt = text
+        return outs
+
+    def _run(self, order: list[str]) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(order):
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[rid] for rid in order]

@@ -1,0 +1,86 @@
+"""Scheduled sequences -> bucket-padded numpy arrays for one step (host side, cheap).
+
+Shapes come from a small fixed set of buckets (token count x sequence count), each compiled at
+warm-up, so the device never sees a new shape while serving.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+from jaxserve.models.batch import ForwardBatch
+
+
+class SeqInput(Protocol):
+    """One sequence's share of a step (the scheduler's ScheduledSequence satisfies this)."""
+    token_ids: list[int]   # new tokens, at positions start_pos .. start_pos + len - 1
+    start_pos: int
+    page_ids: list[int]    # the sequence's page table, covering every position so far
+
+
+def power_of_two_buckets(lo: int, hi: int) -> list[int]:
+    """lo, 2lo, 4lo, ... capped by hi, with hi itself always the last bucket."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    token_buckets: tuple[int, ...]
+    seq_buckets: tuple[int, ...]
+
+    @classmethod
+    def make(cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16):
+        tokens = power_of_two_buckets(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
+        seqs = power_of_two_buckets(1, max_num_seqs)
+        return cls(tuple(tokens), tuple(seqs))
+
+    def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        t = self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
+        s = self.seq_buckets[bisect.bisect_left(self.seq_buckets, num_seqs)]
+        return t, s
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        """Every (tokens, seqs) pair `pick` can return. A step never has more sequences than
+        tokens, and both buckets round up to powers of two (or the caps, with
+        max_num_seqs <= max_num_batched_tokens), so seqs <= tokens always."""
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+
+def pack_batch(seqs: list[SeqInput], num_tokens: int, num_seq_slots: int, pages_per_seq: int,
+               page_size: int, num_pages: int) -> ForwardBatch:
+    """Numpy ForwardBatch padded to (num_tokens, num_seq_slots); logits rows = each seq's last."""
+    token_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_pages = np.full(num_tokens, num_pages, np.int32)  # out of range: padding writes dropped
+    slot_offsets = np.zeros(num_tokens, np.int32)
+    kv_lens = np.zeros(num_seq_slots, np.int32)
+    page_indices = np.zeros((num_seq_slots, pages_per_seq), np.int32)
+    cu_q_lens = np.zeros(num_seq_slots + 1, np.int32)
+    row = 0
+    for i, seq in enumerate(seqs):
+        n = len(seq.token_ids)
+        pos = np.arange(seq.start_pos, seq.start_pos + n, dtype=np.int32)
+        pages = np.asarray(seq.page_ids, np.int32)
+        token_ids[row:row + n] = seq.token_ids
+        positions[row:row + n] = pos
+        slot_pages[row:row + n] = pages[pos // page_size]
+        slot_offsets[row:row + n] = pos % page_size
+        kv_lens[i] = seq.start_pos + n
+        page_indices[i, :len(pages)] = pages
+        row += n
+        cu_q_lens[i + 1] = row
+    cu_q_lens[len(seqs) + 1:] = row
+    logits_indices = np.maximum(cu_q_lens[1:] - 1, 0).astype(np.int32)
+    return ForwardBatch(
+        token_ids=token_ids, positions=positions, slot_pages=slot_pages, slot_offsets=slot_offsets,
+        kv_lens=kv_lens, page_indices=page_indices, cu_q_lens=cu_q_lens,
+        num_seqs=np.asarray([len(seqs)], np.int32), logits_indices=logits_indices)

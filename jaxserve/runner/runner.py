@@ -1,0 +1,107 @@
+"""ModelRunner: owns params, the KV cache and the PRNG key; runs one bucketed step at a time.
+
+The engine hands it SeqInputs (what to compute) and per-sequence sampling inputs; it pads them to
+a compiled bucket, runs the jitted step with the cache donated (updated in place) and returns
+host arrays. Every bucket and variant is compiled in `warmup`, so serving never compiles.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxserve.config import EngineConfig
+from jaxserve.models.batch import KVCache
+from jaxserve.runner import sampling
+from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
+from jaxserve.runner.compile_guard import compile_count
+from jaxserve.runner.memory import plan_memory, tree_bytes
+from jaxserve.runner.step import compiled_step
+
+
+class ModelRunner:
+    def __init__(self, loaded, config: EngineConfig, max_model_len: int, attention_fn,
+                 log=print):
+        self.cfg = loaded.config
+        self.config = config
+        sched = config.scheduler
+        self.buckets = Buckets.make(sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.page_size = config.cache.page_size
+        self.pages_per_seq = math.ceil(max_model_len / self.page_size)
+        self.params = jax.device_put(loaded.params)
+        dtype = jax.tree.leaves(self.params)[0].dtype
+        self.plan = plan_memory(self.cfg, config.cache, tree_bytes(loaded.params), dtype,
+                                sched.max_num_batched_tokens, sched.max_num_seqs)
+        log(self.plan.describe())
+        self.num_pages = self.plan.num_pages
+        self.kv_cache = KVCache.zeros(self.cfg.num_layers, self.num_pages, self.cfg.num_kv_heads,
+                                      self.page_size, self.cfg.head_dim, dtype)
+        self.vocab_size = self.cfg.vocab_size
+        self._step = compiled_step(self.cfg, attention_fn)
+        self._key = jax.random.PRNGKey(config.seed)
+        self.compiles_after_warmup: int | None = None
+        self._warm_count = None
+        self.last_host_seconds = 0.0
+
+    # -- warm-up ---------------------------------------------------------------------------
+    def _variants(self):
+        """(tokens, seqs, use_penalties, all_logits) for every step the engine can issue.
+        Penalty and prompt-logprob steps always use the largest sequence bucket."""
+        s_max = self.buckets.seq_buckets[-1]
+        for t, s in self.buckets.all_shapes():
+            yield t, s, False, False
+        for t in self.buckets.token_buckets:
+            if s_max <= t:
+                for pen, all_logits in ((True, False), (False, True), (True, True)):
+                    yield t, s_max, pen, all_logits
+
+    def warmup(self, progress: bool = True) -> None:
+        variants = list(self._variants())
+        start = time.perf_counter()
+        for t, s, pen, all_logits in tqdm(variants, desc="compiling step buckets", unit="bucket",
+                                          file=sys.stderr, disable=not progress, leave=False):
+            self._run([], t, s, [], pen, all_logits, prompt_targets=None)
+        jax.block_until_ready(self.kv_cache)
+        self._warm_count = compile_count()
+        if progress:
+            print(f"compiled {len(variants)} step buckets in {time.perf_counter() - start:.1f}s",
+                  file=sys.stderr)
+
+    def compiles_since_warmup(self) -> int:
+        return compile_count() - (self._warm_count or 0)
+
+    # -- one step --------------------------------------------------------------------------
+    def execute(self, seqs: list[SeqInput], sampling_inputs: list, *,
+                prompt_targets: list[list[int]] | None = None):
+        """Run one step. prompt_targets (per seq, the next-token ids of its rows, -1 where
+        unknown) asks for prompt logprobs of every row. Returns StepOutput as numpy."""
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        t, s = self.buckets.pick(num_tokens, len(seqs))
+        use_pen = any(sampling.needs_penalties(x) for x in sampling_inputs)
+        all_logits = prompt_targets is not None
+        if use_pen or all_logits:
+            s = self.buckets.seq_buckets[-1]
+        return self._run(seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets)
+
+    def _run(self, seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets):
+        host_start = time.perf_counter()
+        batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
+        if all_logits:
+            batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
+        md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size)
+        targets = np.zeros(t, np.int32)
+        if prompt_targets is not None:
+            flat = [tok for per_seq in prompt_targets for tok in per_seq]
+            targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
+        self._key, step_key = jax.random.split(self._key)
+        self.last_host_seconds = time.perf_counter() - host_start
+        self.kv_cache, out = self._step(self.params, self.kv_cache, batch, md, step_key,
+                                        jnp.asarray(targets), use_penalties=use_pen,
+                                        all_logits=all_logits)
+        return jax.device_get(out)

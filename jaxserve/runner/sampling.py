@@ -1,0 +1,350 @@
+"""Per-row sampling on arrays: the last stage of the jitted step (step.py), one token per sequence.
+
+The host packs every request's settings into `SamplingMetadata` (numpy, `build_sampling_metadata`)
+and the device runs `sample` on the step's logits. Every per-request value (temperature, top-k/p,
+min-p, penalties, seeds, logit bias, min_tokens) is an array row, so a new value never recompiles;
+only the shapes (S rows, V vocab, the sparse widths) and two flags (`use_penalties`,
+`num_top_logprobs`) are static.
+
+Order of operations, as vLLM applies them:
+  logit_bias -> min_tokens forbidding -> repetition / frequency / presence penalties
+  -> greedy rows: argmax here
+  -> temperature -> top-k -> top-p -> min-p -> one Gumbel-max draw per row.
+Reported logprobs are those of the raw logits (log_softmax before any of the above), which is what
+vLLM returns by default.
+
+Randomness: a seeded row draws from fold_in(key(seed), output_index), so its tokens depend only on
+its seed and on how many tokens it has generated, never on its batch position or its neighbours.
+Unseeded rows fold the step's base key with a per-request salt and the output index.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxserve.engine.sampling_params import (MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_TOKEN_IDS,
+                                             SamplingParams)
+
+# Rows with a temperature below this are greedy (vLLM's _SAMPLING_EPS).
+GREEDY_EPS = 1e-5
+# Sparse widths are fixed so that their shapes never change between steps.
+LOGIT_BIAS_WIDTH = MAX_LOGIT_BIAS_ENTRIES
+# stop_token_ids plus room for the model's EOS ids (Llama 3 lists several).
+FORBID_WIDTH = MAX_STOP_TOKEN_IDS + 16
+_U32 = 0xFFFFFFFF
+
+
+@struct.dataclass
+class SamplingMetadata:
+    """Everything a step needs to sample its S (padded) rows; padding rows are greedy no-ops."""
+    temperature: jnp.ndarray         # f32[S]     < GREEDY_EPS: greedy
+    top_k: jnp.ndarray               # i32[S]     0: off
+    top_p: jnp.ndarray               # f32[S]     1: off
+    min_p: jnp.ndarray               # f32[S]     0: off
+    repetition_penalty: jnp.ndarray  # f32[S]     1: off
+    presence_penalty: jnp.ndarray    # f32[S]     0: off
+    frequency_penalty: jnp.ndarray   # f32[S]     0: off
+    seed_key: jnp.ndarray            # u32[S, 2]  threefry key data of the seed (hi, lo words)
+    has_seed: jnp.ndarray            # bool[S]
+    salt: jnp.ndarray                # u32[S]     per-request randomness for unseeded rows
+    output_index: jnp.ndarray        # i32[S]     index of the token being sampled (= outputs so far)
+    bias_ids: jnp.ndarray            # i32[S, B]  logit_bias token ids, -1 padded
+    bias_values: jnp.ndarray         # f32[S, B]
+    forbidden_ids: jnp.ndarray       # i32[S, M]  EOS + stop_token_ids while < min_tokens, -1 padded
+    penalty_token_ids: jnp.ndarray   # i32[S, W]  prompt then output ids, -1 padded (W=1: no penalties)
+    num_prompt_tokens: jnp.ndarray   # i32[S]     where the outputs start in penalty_token_ids
+
+
+@struct.dataclass
+class SamplerOutput:
+    token_ids: jnp.ndarray      # i32[S]     sampled token per row
+    logprobs: jnp.ndarray       # f32[S]     its logprob under log_softmax of the raw logits
+    top_token_ids: jnp.ndarray  # i32[S, K]  most likely tokens of the raw distribution, best first
+    top_logprobs: jnp.ndarray   # f32[S, K]
+
+
+# ---------------------------------------------------------------------------------- host side
+
+class SamplingInput(NamedTuple):
+    """One sequence's sampling inputs. The builder also takes plain tuples in this order and
+    Request-like objects (sampling_params, prompt_token_ids, output_token_ids, eos_token_ids,
+    and optionally sampling_salt)."""
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    eos_token_ids: Sequence[int] | frozenset[int] = ()
+    salt: int | None = None
+
+
+def _as_input(x: Any) -> SamplingInput:
+    """Normalise one builder input; salt stays None when the caller gave none."""
+    if isinstance(x, SamplingInput):
+        return x
+    if isinstance(x, tuple):
+        return SamplingInput(*x)
+    if hasattr(x, "sampling_params"):  # engine.request.Request, without importing it
+        salt = getattr(x, "sampling_salt", None)
+        if salt is None:  # a stable per-request number when the engine drew none
+            salt = zlib.crc32(str(getattr(x, "request_id", "")).encode())
+        return SamplingInput(x.sampling_params, x.prompt_token_ids, x.output_token_ids,
+                             getattr(x, "eos_token_ids", ()) or (), salt)
+    raise TypeError(f"cannot read sampling inputs from {type(x).__name__}")
+
+
+def needs_penalties(x: Any) -> bool:
+    """Whether a sequence (SamplingParams, tuple or Request-like) uses any token penalty, which
+    makes the step take the `use_penalties` variant."""
+    p = x if isinstance(x, SamplingParams) else _as_input(x).params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _next_pow2(n: int, lo: int) -> int:
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
+def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
+                            vocab_size: int | None = None, *, use_penalties: bool | None = None,
+                            penalty_width: int | None = None,
+                            logit_bias_width: int = LOGIT_BIAS_WIDTH,
+                            forbid_width: int = FORBID_WIDTH) -> SamplingMetadata:
+    """Pack per-sequence settings into numpy arrays padded to `padded_num_seqs` rows.
+
+    use_penalties: build the token-history arrays (default: whether any input needs them). It must
+      match the `use_penalties` flag passed to `sample`; without it the history is one -1 column.
+    penalty_width: width W of the history (prompt + output) array. Pass a fixed value (the engine's
+      max_model_len) so every penalty step has one shape; the default rounds the longest history
+      up to a power of two, which can compile a new shape.
+    vocab_size: when given, logit_bias / stop ids outside the vocabulary are dropped here (the
+      device drops them too); the engine is expected to reject them up front
+      (SamplingParams.verify_token_ids).
+    """
+    seqs = [_as_input(x) for x in inputs]
+    S, n = padded_num_seqs, len(seqs)
+    if n > S:
+        raise ValueError(f"{n} sequences do not fit in {S} padded rows")
+    if use_penalties is None:
+        use_penalties = any(needs_penalties(s) for s in seqs)
+    params = [s.params for s in seqs]
+
+    def column(values, dtype, pad):
+        out = np.full(S, pad, dtype)
+        out[:n] = values
+        return out
+
+    seeds = [p.seed for p in params]
+    seed_u64 = [(sd & (2**64 - 1)) if sd is not None else 0 for sd in seeds]
+    seed_key = np.zeros((S, 2), np.uint32)
+    seed_key[:n, 0] = [s >> 32 for s in seed_u64]   # threefry_seed: high word first
+    seed_key[:n, 1] = [s & _U32 for s in seed_u64]
+    # Unseeded rows need a salt that differs between the rows of a step (the step's base key is
+    # shared): the engine draws one per request; without one, the row number stands in.
+    salt = column([(i if s.salt is None else s.salt) & _U32 for i, s in enumerate(seqs)],
+                  np.uint32, 0)
+
+    bias_ids = np.full((S, logit_bias_width), -1, np.int32)
+    bias_values = np.zeros((S, logit_bias_width), np.float32)
+    forbidden = np.full((S, forbid_width), -1, np.int32)
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.logit_bias:
+            items = [(t, b) for t, b in p.logit_bias.items()
+                     if vocab_size is None or 0 <= t < vocab_size]
+            if len(items) > logit_bias_width:
+                raise ValueError(f"logit_bias has {len(items)} entries; the sampler holds "
+                                 f"{logit_bias_width}")
+            if items:
+                bias_ids[i, :len(items)] = [t for t, _ in items]
+                bias_values[i, :len(items)] = [b for _, b in items]
+        if len(s.output_token_ids) < p.min_tokens:
+            # vLLM forbids every token that could stop the request, EOS included even with
+            # ignore_eos, until min_tokens outputs exist.
+            ids = sorted(set(int(t) for t in s.eos_token_ids) | set(p.stop_token_ids))
+            if vocab_size is not None:
+                ids = [t for t in ids if 0 <= t < vocab_size]
+            if len(ids) > forbid_width:
+                raise ValueError(f"{len(ids)} stop token ids to forbid; the sampler holds "
+                                 f"{forbid_width}")
+            forbidden[i, :len(ids)] = ids
+
+    lengths = [len(s.prompt_token_ids) + len(s.output_token_ids) for s in seqs]
+    if not use_penalties:
+        width = 1
+    elif penalty_width is not None:
+        width = penalty_width
+        if lengths and max(lengths) > width:
+            raise ValueError(f"a sequence of {max(lengths)} tokens exceeds penalty_width={width}")
+    else:
+        width = _next_pow2(max(lengths, default=1), 16)
+    history = np.full((S, width), -1, np.int32)
+    if use_penalties:
+        for i, s in enumerate(seqs):
+            if needs_penalties(s):  # rows without penalties need no history
+                n_p = len(s.prompt_token_ids)
+                history[i, :n_p] = s.prompt_token_ids
+                history[i, n_p:lengths[i]] = s.output_token_ids
+
+    return SamplingMetadata(
+        # t > 0 never turns greedy on the device, however small (0 is the only greedy value).
+        temperature=column([p.temperature and max(p.temperature, GREEDY_EPS) for p in params],
+                           np.float32, 0.0),
+        top_k=column([p.top_k for p in params], np.int32, 0),
+        top_p=column([p.top_p for p in params], np.float32, 1.0),
+        min_p=column([p.min_p for p in params], np.float32, 0.0),
+        repetition_penalty=column([p.repetition_penalty for p in params], np.float32, 1.0),
+        presence_penalty=column([p.presence_penalty for p in params], np.float32, 0.0),
+        frequency_penalty=column([p.frequency_penalty for p in params], np.float32, 0.0),
+        seed_key=seed_key,
+        has_seed=column([sd is not None for sd in seeds], np.bool_, False),
+        salt=salt,
+        output_index=column([len(s.output_token_ids) for s in seqs], np.int32, 0),
+        bias_ids=bias_ids, bias_values=bias_values, forbidden_ids=forbidden,
+        penalty_token_ids=history,
+        num_prompt_tokens=column([len(s.prompt_token_ids) for s in seqs], np.int32, 0))
+
+
+# -------------------------------------------------------------------------------- device side
+
+def _scatter_ids(ids: jnp.ndarray, vocab: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(rows, cols) for a scatter into [S, V]. -1 padding maps to V, which mode='drop' skips
+    (a negative index would wrap around to the last token instead)."""
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)  # i32[S, X]
+    cols = jnp.where(ids >= 0, ids, vocab)                                  # i32[S, X]
+    return rows, cols
+
+
+def apply_logit_adjustments(logits: jnp.ndarray, md: SamplingMetadata, *,
+                            use_penalties: bool) -> jnp.ndarray:
+    """logit_bias, min_tokens forbidding, then (if use_penalties) repetition, frequency and
+    presence penalties. f32[S, V] -> f32[S, V]. Greedy rows take the argmax of this."""
+    S, V = logits.shape
+    rows, cols = _scatter_ids(md.bias_ids, V)
+    logits = logits.at[rows, cols].add(md.bias_values, mode="drop")
+    rows, cols = _scatter_ids(md.forbidden_ids, V)
+    logits = logits.at[rows, cols].set(-jnp.inf, mode="drop")
+    if not use_penalties:
+        return logits
+
+    ids = md.penalty_token_ids                                              # i32[S, W]
+    rows, cols = _scatter_ids(ids, V)
+    positions = jnp.arange(ids.shape[1])[None, :]                           # i32[1, W]
+    is_output = (ids >= 0) & (positions >= md.num_prompt_tokens[:, None])   # bool[S, W]
+    seen = jnp.zeros((S, V), jnp.bool_).at[rows, cols].set(True, mode="drop")  # prompt or output
+    out_counts = jnp.zeros((S, V), jnp.float32).at[rows, cols].add(
+        is_output.astype(jnp.float32), mode="drop")                         # f32[S, V]
+
+    # Repetition (transformers / vLLM): shrink towards zero from either side, over prompt+output.
+    rep = md.repetition_penalty[:, None]                                    # f32[S, 1]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    # Frequency / presence (OpenAI): subtractive, over the generated tokens only.
+    logits = (logits - md.frequency_penalty[:, None] * out_counts
+              - md.presence_penalty[:, None] * (out_counts > 0).astype(jnp.float32))
+    return logits
+
+
+def _top_k_top_p_threshold(scaled: jnp.ndarray, top_k: jnp.ndarray,
+                           top_p: jnp.ndarray) -> jnp.ndarray:
+    """Per-row logit threshold of top-k then top-p; tokens >= it are kept. f32[S, V] -> f32[S].
+
+    Thresholds (not sorted positions) decide, so tokens tied with the last kept one are all kept:
+    the kept set never depends on how a sort orders equal values. top-k keeps the k largest logits
+    and their ties (as transformers' TopKLogitsWarper); top-p then keeps, of what remains, the
+    smallest most-likely prefix whose probability reaches top_p (every token whose more likely
+    predecessors hold less than top_p, as transformers' TopPLogitsWarper), plus ties."""
+    V = scaled.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)                                      # f32[S, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)                      # i32[S]
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)              # f32[S, 1]
+    kth = jnp.where((top_k > 0)[:, None], kth, -jnp.inf)
+    desc = jnp.where(desc >= kth, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)                                   # f32[S, V]
+    cum = jnp.cumsum(probs, axis=-1)
+    before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)  # mass ahead
+    reached = before >= top_p[:, None]                                      # bool[S, V]
+    # The first position whose predecessors reach top_p is the first one cut; none: keep all.
+    n_keep = jnp.where(reached.any(axis=-1), jnp.argmax(reached, axis=-1), V)  # i32[S] >= 1
+    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)         # f32[S, 1]
+    pth = jnp.where((top_p < 1.0)[:, None], pth, -jnp.inf)
+    return jnp.maximum(kth, pth)[:, 0]
+
+
+def filter_logits(logits: jnp.ndarray, md: SamplingMetadata) -> jnp.ndarray:
+    """Temperature, then top-k, top-p, min-p: f32[S, V] -> f32[S, V] with removed tokens at -inf.
+    The result's softmax is the distribution a random row samples from."""
+    t = jnp.where(md.temperature >= GREEDY_EPS, md.temperature, 1.0)  # greedy rows: any finite t
+    scaled = logits / t[:, None]                                       # f32[S, V]
+    needs_sort = jnp.any(((md.top_k > 0) | (md.top_p < 1.0)) & (md.temperature >= GREEDY_EPS))
+    # The sort is the costly part of sampling; skip it when no row in the batch uses top-k/p.
+    threshold = jax.lax.cond(
+        needs_sort, _top_k_top_p_threshold,
+        lambda s, k, p: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+        scaled, md.top_k, md.top_p)                                    # f32[S]
+    keep = scaled >= threshold[:, None]
+    # min-p compares p_i with min_p * p_max; renormalising after top-k/p scales both alike, so
+    # exp(logit - max) >= min_p is the same test on whatever distribution remains.
+    row_max = jnp.max(scaled, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    keep &= jnp.exp(scaled - row_max) >= md.min_p[:, None]
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def _as_key_data(key: jnp.ndarray) -> jnp.ndarray:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
+
+
+def row_keys(md: SamplingMetadata, base_key: jnp.ndarray) -> jnp.ndarray:
+    """One threefry key per row (typed key[S]): seeded rows fold_in(key(seed), output_index),
+    which depends on nothing else; unseeded rows fold_in(fold_in(base_key, salt), output_index)."""
+    wrap = lambda d: jax.random.wrap_key_data(d, impl="threefry2x32")  # noqa: E731
+    base = wrap(_as_key_data(base_key).astype(jnp.uint32))
+
+    def one(seed_key, has_seed, salt, idx):
+        unseeded = jax.random.key_data(jax.random.fold_in(base, salt))       # u32[2]
+        start = jnp.where(has_seed, seed_key, unseeded)
+        return jax.random.key_data(jax.random.fold_in(wrap(start), idx))
+
+    data = jax.vmap(one)(md.seed_key, md.has_seed, md.salt, md.output_index)  # u32[S, 2]
+    return wrap(data)
+
+
+def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
+           num_top_logprobs: int, use_penalties: bool) -> SamplerOutput:
+    """Sample one token per row of logits f32[S, V]. Static: num_top_logprobs, use_penalties.
+
+    base_key: the step's PRNG key (raw u32[2] or a typed threefry key); only unseeded rows use it.
+    """
+    logits = logits.astype(jnp.float32)                                   # f32[S, V]
+    S, V = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)                    # f32[S, V]
+    adjusted = apply_logit_adjustments(logits, md, use_penalties=use_penalties)
+    greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)          # i32[S]
+    is_greedy = md.temperature < GREEDY_EPS                               # bool[S]
+
+    def draw(adjusted):
+        filtered = filter_logits(adjusted, md)                            # f32[S, V]
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(row_keys(md, base_key))
+        # Gumbel-max: argmax(logit + Gumbel noise) is an exact draw from softmax(logit).
+        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+
+    # An all-greedy batch (the common benchmark case) skips the sort and the noise entirely.
+    random_ids = jax.lax.cond(jnp.all(is_greedy), lambda a: greedy_ids, draw, adjusted)
+    token_ids = jnp.where(is_greedy, greedy_ids, random_ids)              # i32[S]
+    token_lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    if num_top_logprobs > 0:
+        top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)  # f32/i32[S, K]
+    else:
+        top_lp = jnp.zeros((S, 0), jnp.float32)
+        top_ids = jnp.zeros((S, 0), jnp.int32)
+    return SamplerOutput(token_ids=token_ids, logprobs=token_lp,
+                         top_token_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)

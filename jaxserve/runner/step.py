@@ -1,0 +1,59 @@
+"""The pure jitted step: forward over the ragged batch, then sample one token per sequence.
+
+step(params, kv_cache, batch, sampling_md, key) -> (kv_cache, StepOutput); the cache is donated.
+Only shapes and three flags are static; everything a request sets is an array.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxserve.models import build_model
+from jaxserve.models.config import ModelConfig
+from jaxserve.runner import sampling
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap; always computed so a request's choice never recompiles
+
+
+@struct.dataclass
+class StepOutput:
+    token_ids: jnp.ndarray            # i32[S]  sampled next token per sequence slot
+    logprobs: jnp.ndarray             # f32[S]  its logprob under the model
+    top_token_ids: jnp.ndarray        # i32[S, K]
+    top_logprobs: jnp.ndarray         # f32[S, K]
+    prompt_logprobs: jnp.ndarray | None = None      # f32[T]  logprob of the next prompt token
+    prompt_top_token_ids: jnp.ndarray | None = None  # i32[T, K]
+    prompt_top_logprobs: jnp.ndarray | None = None   # f32[T, K]
+
+
+def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, *, forward,
+          use_penalties: bool, all_logits: bool):
+    kv_cache, logits = forward(params, kv_cache, batch)  # [N, V]
+    prompt = {}
+    if all_logits:
+        # logits for every row; the last row of each sequence is the one sampled from
+        last_rows = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
+        logprobs_all = jax.nn.log_softmax(logits, axis=-1)  # [T, V]
+        top_lp, top_ids = jax.lax.top_k(logprobs_all, MAX_TOP_LOGPROBS)
+        target_lp = jnp.take_along_axis(logprobs_all, prompt_targets[:, None], axis=-1)[:, 0]
+        prompt = dict(prompt_logprobs=target_lp, prompt_top_token_ids=top_ids,
+                      prompt_top_logprobs=top_lp)
+        logits = logits[last_rows]  # [S, V]
+    out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
+                          use_penalties=use_penalties)
+    return kv_cache, StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
+                                top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
+                                **prompt)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_step(cfg: ModelConfig, attention_fn):
+    """One jitted step per (model config, attention function), shared by every engine in the
+    process, so tests and restarts that rebuild an engine reuse compiled executables."""
+    model = build_model(cfg, attention_fn)
+    fn = functools.partial(_step, forward=model.forward)
+    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "all_logits"))
