@@ -178,6 +178,10 @@ class BlockManager:
         when the pool cannot supply the pages.
         """
         admitting = cached_pages is not None
+        if not admitting:  # the common decode case: the last page still has room
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(request.page_ids) * self.page_size:
+                return True
         cached_pages = cached_pages or []
         if admitting and request.page_ids:
             raise ValueError(f"request {request.request_id} already has pages; cached_pages "

@@ -114,13 +114,15 @@ class LLMEngine:
                 f"{params.max_tokens} in the completion). Please reduce the length of the prompt "
                 "or max_tokens.")
 
-    def abort_request(self, request_id: str) -> None:
-        state = self._states.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort every sample of a request, freeing its pages now; returns its final output
+        (finish_reason "abort" for the samples still running), or None if it is unknown."""
+        state = self._states.get(request_id)
         if state is None:
-            return
+            return None
         for sample in state.samples:
             self.scheduler.abort_request(sample.request.request_id)
-            self._parent_of.pop(sample.request.request_id, None)
+        return self._output(state)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)
@@ -192,6 +194,8 @@ class LLMEngine:
                     pos = s.start_pos + (r - row) + 1  # the prompt token this row predicts
                     if pos >= len(state.prompt_token_ids):
                         break
+                    if pos != len(state.prompt_logprobs):
+                        continue  # recorded before a preemption made us recompute it
                     entry = {state.prompt_token_ids[pos]: float(out.prompt_logprobs[r])}
                     for j in range(k):
                         entry.setdefault(int(out.prompt_top_token_ids[r, j]),
@@ -219,12 +223,16 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=i, text=sample.detok.text, token_ids=list(req.output_token_ids),
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                logprobs=sample.logprobs, cumulative_logprob=sample.cumulative_logprob))
+                logprobs=None if sample.logprobs is None else list(sample.logprobs),
+                cumulative_logprob=sample.cumulative_logprob))
         finished = all(o.finish_reason is not None for o in outs)
         if finished:
             self._states.pop(state.request_id, None)
             for sample in state.samples:
                 self._parent_of.pop(sample.request.request_id, None)
+        queue_time = (None if state.first_scheduled_time is None
+                      else state.first_scheduled_time - state.arrival_time)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
                              finished=finished, prompt_logprobs=state.prompt_logprobs,
-                             num_cached_tokens=state.samples[0].request.num_cached_tokens)
+                             num_cached_tokens=state.samples[0].request.num_cached_tokens,
+                             queue_time=queue_time)

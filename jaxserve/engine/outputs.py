@@ -31,3 +31,4 @@ class RequestOutput:
     # per prompt token: None for the first, then {token_id: logprob}
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first being scheduled

@@ -67,6 +67,7 @@ class ScheduledSequence:
 
     @property
     def is_prefill(self) -> bool:
+        """The chunk starts inside the prompt (a recompute after preemption may go past it)."""
         return self.start_pos < self.request.num_prompt_tokens
 
 
@@ -165,6 +166,12 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> Request | None:
         """Finish a request as aborted and free its pages now; None if unknown or already done."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus,
+                       stop_reason: int | str | None = None) -> Request | None:
+        """Finish a request from outside the step (abort, or a stop string the engine matched
+        after detokenizing) and free its pages now; None if unknown or already done."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -172,7 +179,7 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        request.finish(RequestStatus.FINISHED_ABORTED)
+        request.finish(status, stop_reason)
         self._retire(request)
         return request
 
@@ -199,14 +206,19 @@ class Scheduler:
         chosen: dict[str, int] = {}  # request id -> num_new_tokens, in batch order
         preempted: list[str] = []
 
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        for request in decodes + prefills:
+        decodes, prefills = [], []
+        for request in self.running:
+            remaining = request.num_tokens - request.num_computed_tokens
+            if remaining == 1:
+                decodes.append((request, remaining))
+            elif remaining > 1:
+                prefills.append((request, remaining))
+        for request, remaining in decodes + prefills:
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this pass
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(remaining, budget)
             while not pool.allocate_slots(request, num_new):
                 victim = self.running[-1]  # the most recently arrived
                 self._preempt(victim)
@@ -263,6 +275,13 @@ class Scheduler:
         their finish_reason set and their pages already released (full pages stay cached).
         """
         pool = self.block_manager
+        # Checked before anything changes, so a bad call leaves the scheduler as it was.
+        missing = [s.request_id for s in scheduler_output.scheduled
+                   if s.sample and s.request.status == RequestStatus.RUNNING
+                   and s.request_id not in sampled_token_ids]
+        if missing:
+            raise KeyError(f"no sampled token for {missing}, whose chunks reached the end of "
+                           "their tokens")
         updated = []
         for seq in scheduler_output.scheduled:
             request = seq.request
@@ -275,9 +294,6 @@ class Scheduler:
             pool.cache_full_pages(request)
             if not seq.sample:
                 continue
-            if request.request_id not in sampled_token_ids:
-                raise KeyError(f"no sampled token for request {request.request_id}, whose chunk "
-                               "reached the end of its tokens")
             finished = request.append_output_token(sampled_token_ids[request.request_id],
                                                    self.max_model_len)
             updated.append(request)

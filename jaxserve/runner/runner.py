@@ -33,6 +33,7 @@ class ModelRunner:
         sched = config.scheduler
         self.buckets = Buckets.make(sched.max_num_batched_tokens, sched.max_num_seqs)
         self.page_size = config.cache.page_size
+        self.max_model_len = max_model_len
         self.pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.params = jax.device_put(loaded.params)
         dtype = jax.tree.leaves(self.params)[0].dtype
@@ -94,7 +95,10 @@ class ModelRunner:
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         if all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
-        md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size)
+        # a fixed history width keeps penalty steps at one shape per bucket
+        md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size,
+                                              use_penalties=use_pen,
+                                              penalty_width=self.max_model_len)
         targets = np.zeros(t, np.int32)
         if prompt_targets is not None:
             flat = [tok for per_seq in prompt_targets for tok in per_seq]

@@ -1,0 +1,204 @@
+"""Request schemas of the OpenAI-compatible routes (pydantic), with vLLM's extra sampling fields.
+
+Everything not listed is rejected (`extra="forbid"`): a parameter we do not implement must fail
+with a 400 that names it, never be silently dropped. A few OpenAI parameters that clients send
+with harmless default values (`suffix: null`, `tools: []`, `response_format: {"type": "text"}`,
+`best_of == n`) are declared so that those defaults pass while anything else is refused.
+
+Cross-field rules that need a precise `param` (pydantic would report them at the model root)
+live in `check()` methods that raise `APIError`; the handlers call them right after parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jaxserve.server.errors import bad_request
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by completions and chat: model, streaming, and sampling knobs."""
+
+    model: str | None = None  # None: the first served name, as vLLM does
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    # JSON object keys are strings; SamplingParams converts them to token ids and checks them.
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    user: str | None = None  # metadata for the caller's own accounting; unused here
+
+    def check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("Stream options can only be defined when `stream=True`.",
+                              "stream_options")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The SamplingParams fields that both routes map the same way (None: keep default)."""
+        kw: dict[str, Any] = dict(
+            n=self.n, stop=self.stop, seed=self.seed, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens)
+        return {k: v for k, v in kw.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+
+def _is_token_ids(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. After validation `prompt` is a non-empty list whose items are each
+    a string or a list of token ids (one engine request per item)."""
+
+    prompt: list[str | list[int]]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's extension: BOS etc. when tokenizing a text prompt
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _normalize_prompt(cls, v):
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be an empty list")
+            if _is_token_ids(v):
+                return [v]
+            if all(isinstance(x, str) for x in v) or all(_is_token_ids(x) for x in v):
+                return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
+                         "or a list of lists of token ids")
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise bad_request("suffix is not supported.", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(f"best_of must equal n ({self.n}) when set: ranking several "
+                              f"candidates is not supported, got {self.best_of}.", "best_of")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, v):
+        # The OpenAI list-of-parts form; text parts are joined as vLLM does, anything else
+        # (images, audio, files) is a modality we do not serve.
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part {i} has type {kind!r}; only 'text' parts "
+                                     "are supported")
+                texts.append(TextPart.model_validate(part).text)
+            return "\n".join(texts)
+        return v
+
+    def as_template_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools, harmless
+
+    def check(self) -> None:
+        self.check_common()
+        if self.tools:
+            raise bad_request("tools are not supported.", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is not supported (no tools).", "tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise bad_request("response_format other than {'type': 'text'} is not supported.",
+                              "response_format")
+        if self.top_logprobs is not None and not self.logprobs and self.top_logprobs > 0:
+            raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.",
+                              "top_logprobs")
+
+    @property
+    def max_tokens_param(self) -> tuple[str, int | None]:
+        """(name the user gave, value): errors must name the field the client actually sent."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: either a `prompt` or chat `messages` (rendered with the template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("Exactly one of `prompt` and `messages` must be given.", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+

@@ -1,0 +1,381 @@
+"""What the generation routes share: model names, admission, length checks, the engine call with
+its abort guarantee, and the SSE response that notices a client leaving.
+
+The abort guarantee is the point of this module: every path out of `ServingContext.generate`
+that is not a finished request (client disconnect, cancelled task, server shutdown, error)
+calls `engine.abort(request_id)` so that the request's KV pages are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from jaxserve.engine.sampling_params import SamplingParams, SamplingParamsError
+from jaxserve.server.errors import (APIError, bad_request, from_validation_error,
+                                    sse_error_event)
+from jaxserve.server.logprobs import TokenRenderer
+from jaxserve.server.metrics import RequestTracker, ServerMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# Tokenizing this many characters takes long enough (~ms) to stall other streams: off-loop.
+_ENCODE_IN_THREAD_CHARS = 20_000
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was complete."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    """Body -> validated request model; every failure is a 400 (content type is not enforced:
+    `curl -d` sends form encoding for what is JSON)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"Invalid JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+class Admission:
+    """A slot in the server's bounded set of in-flight engine requests; release() is idempotent
+    so that both the normal end of a stream and its cancellation may call it."""
+
+    def __init__(self, ctx: "ServingContext", n: int):
+        self._ctx, self._n = ctx, n
+        ctx.in_flight += n
+
+    def release(self) -> None:
+        if self._n:
+            self._ctx.in_flight -= self._n
+            self._n = 0
+
+
+class ServingContext:
+    def __init__(self, engine, config, metrics: ServerMetrics):
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.served_names: list[str] = list(config.served_model_name or [engine.model_name])
+        self.renderer = TokenRenderer(engine.tokenizer)
+        self.in_flight = 0
+        self.draining = False  # set on SIGTERM: new work gets 503 while streams finish
+        # Running batch plus the queue allowed behind it; beyond that a request would only wait
+        # (and hold a connection) for longer than it is worth: 503 tells it to retry elsewhere.
+        self.capacity = (config.max_num_seqs or 256) + config.max_queued_requests
+
+    # -- request checks -------------------------------------------------------------------
+
+    def resolve_model(self, name: str | None) -> str:
+        if name is None:
+            return self.served_names[0]
+        if name not in self.served_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        return name
+
+    def admit(self, n: int) -> Admission:
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
+        if not self.engine.is_running():
+            raise APIError(503, "The engine is not running.")
+        if self.in_flight + n > self.capacity:
+            self.metrics.rejected("overload")
+            raise APIError(503, f"The server is overloaded: {self.in_flight} requests in flight "
+                           f"(limit {self.capacity} = --max-num-seqs + --max-queued-requests). "
+                           "Retry later.", headers={"Retry-After": "1"})
+        return Admission(self, n)
+
+    def max_tokens_for(self, num_prompt: int, max_tokens: int | None, param: str,
+                       user_set: bool) -> int:
+        """vLLM's context-length rules: the prompt must leave room for one token; an explicit
+        max_tokens that does not fit is an error, a default one is clamped to what fits."""
+        limit = self.engine.max_model_len
+        if num_prompt >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. "
+                           f"However, your prompt contains {num_prompt} input tokens. Please "
+                           "reduce the length of the input messages.", "input_tokens")
+        room = limit - num_prompt
+        if max_tokens is None or (max_tokens > room and not user_set):
+            return room
+        if max_tokens > room:
+            raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's maximum "
+                           f"context length is {limit} tokens and your request has {num_prompt} "
+                           f"input tokens ({max_tokens} > {limit} - {num_prompt}).", param)
+        return max_tokens
+
+    def sampling_params(self, kwargs: dict[str, Any], rename: dict[str, str] | None = None
+                        ) -> SamplingParams:
+        """SamplingParams validate themselves (ranges, token ids against the vocabulary); their
+        error names the field, renamed where the client used another name for it."""
+        try:
+            params = SamplingParams(**kwargs)
+            params.verify_token_ids(len(self.engine.tokenizer))
+            return params
+        except SamplingParamsError as e:
+            raise bad_request(str(e), (rename or {}).get(e.param, e.param)) from None
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        tok = self.engine.tokenizer
+        if len(text) > _ENCODE_IN_THREAD_CHARS:
+            return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.engine.tokenizer)
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise bad_request(f"Token id {t} is out of vocabulary (size {vocab}).", param)
+
+    # -- the engine call ------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       prompt: str | None, tracker: RequestTracker) -> AsyncIterator[Any]:
+        """engine.generate with metrics; aborts the engine request on any unfinished exit."""
+        finished = rejected = False
+        stream = None
+        try:
+            stream = self.engine.generate(request_id, prompt_ids, params, prompt=prompt)
+            async for out in stream:
+                tracker.on_output(out)
+                finished = out.finished
+                yield out
+                if finished:
+                    break
+            if not finished:  # the engine dropped it (shutdown, engine-side abort)
+                raise APIError(503, "The engine ended the request before it finished "
+                               "(the server may be shutting down).")
+        except ValueError as e:  # the engine's verdict on an invalid request
+            rejected = True
+            raise bad_request(str(e), getattr(e, "param", None)) from None
+        except Exception as e:
+            if not self.engine.is_running():  # a dead or stopping engine: not the client's fault,
+                # and not a bug of this request either; another replica can serve it
+                raise APIError(503, f"The engine is not running: {e}") from e
+            raise
+        finally:
+            if not finished:
+                if not rejected:
+                    tracker.on_abort(params.n)
+                await self.abort(request_id)
+            aclose = getattr(stream, "aclose", None) if stream is not None else None
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def abort(self, request_id: str) -> None:
+        try:
+            await self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - an abort must never turn into a client-visible error
+            log.exception("engine.abort(%s) failed", request_id)
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as (stream index, item); one stream is passed through without
+    a task so that cancellation reaches it directly. Leaving early cancels every producer."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as s:
+            async for item in s:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(i: int, s: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(s):
+                async for item in s:
+                    await queue.put((i, item, None))
+            await queue.put((i, done, None))
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, err = await queue.get()
+            if err is not None:
+                raise err
+            if item is done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wait_disconnect(receive) -> None:
+    """Returns when the ASGI server reports that the client closed the connection."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(awaitable: Awaitable[T], receive) -> T:
+    """Await `awaitable` unless the client leaves first; then cancel it (its cleanup aborts the
+    engine request) and raise ClientDisconnected. Guards non-streaming requests, whose
+    generation would otherwise run to the end for nobody."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, watch):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    if work.done() and not work.cancelled():
+        return work.result()
+    await asyncio.gather(work, return_exceptions=True)  # let its cleanup (abort) finish
+    raise ClientDisconnected()
+
+
+class SSEStream:
+    """An ASGI response streaming `events` (already `data: ...\\n\\n` strings) that stops as
+    soon as the client disconnects, even while no event is being produced (long prefill,
+    queueing): a watcher on `receive` cancels the producer, whose cleanup aborts the request."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None):
+        self._events = events
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})  # nginx: do not buffer the stream
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (pump, watch):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            if self._on_close is not None:
+                self._on_close()
+
+    async def _pump(self, send) -> None:
+        try:
+            async with contextlib.aclosing(self._events) as events:
+                async for event in events:
+                    await send({"type": "http.response.body", "body": event.encode(),
+                                "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # uvicorn's ClientDisconnected: nobody left to write to
+            log.debug("client disconnected while streaming")
+
+
+def created_now() -> int:
+    return int(time.time())
+
+
+# -- driving a request: whole (non-streaming) or as a stream ---------------------------------
+
+Prompt = tuple  # (text or None, token ids)
+
+
+def _streams(ctx: ServingContext, rid: str, prompts: list[Prompt],
+             params: list[SamplingParams]) -> list[AsyncIterator[Any]]:
+    # One engine request per prompt; a single prompt keeps the response id, so logs correlate.
+    return [ctx.generate(rid if len(prompts) == 1 else f"{rid}-{i}", ids, p, text,
+                         ctx.metrics.tracker())
+            for i, ((text, ids), p) in enumerate(zip(prompts, params))]
+
+
+async def run_to_end(ctx: ServingContext, request: Request, rid: str, prompts: list[Prompt],
+                     params: list[SamplingParams]) -> list[Any]:
+    """The final RequestOutput of each prompt; aborts everything if the client leaves."""
+    admission = ctx.admit(len(prompts))
+    finals: list[Any] = [None] * len(prompts)
+
+    async def collect() -> None:
+        async with contextlib.aclosing(merge(_streams(ctx, rid, prompts, params))) as merged:
+            async for i, out in merged:
+                finals[i] = out
+
+    try:
+        await until_disconnect(collect(), request.receive)
+    finally:
+        admission.release()
+    if any(f is None for f in finals):
+        raise APIError(500, "The engine ended a request without output.")
+    return finals
+
+
+async def _first(it: AsyncIterator[T]) -> T | None:
+    async for item in it:
+        return item
+    return None
+
+
+async def start_stream(ctx: ServingContext, request: Request, rid: str, prompts: list[Prompt],
+                       params: list[SamplingParams]):
+    """Start the engine requests and wait for the first output before any header is sent, so
+    that a request the engine rejects still gets a plain 400 rather than an SSE error event.
+
+    Returns (first (index, output) or None, the rest of the merged stream, admission); the
+    caller hands the admission to the SSEStream, which releases it when the stream ends."""
+    admission = ctx.admit(len(prompts))
+    merged = merge(_streams(ctx, rid, prompts, params))
+    try:
+        first = await until_disconnect(_first(merged), request.receive)
+    except BaseException:
+        admission.release()
+        with contextlib.suppress(Exception):
+            await merged.aclose()
+        raise
+    return first, merged, admission
+
+
+async def sse_events(chunks: AsyncIterator[dict], merged: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """dict chunks -> SSE events; a failure after the headers is an error event, and every
+    stream ends with `data: [DONE]`."""
+    try:
+        try:
+            async for chunk in chunks:
+                yield f"data: {dumps(chunk)}\n\n"
+        except APIError as e:
+            yield sse_error_event(e)
+        except Exception as e:  # noqa: BLE001 - an engine fault mid-stream, reported in-band
+            log.exception("stream failed")
+            yield sse_error_event(APIError(
+                500, f"Internal error while generating: {type(e).__name__}: {e}"))
+        yield "data: [DONE]\n\n"
+    finally:
+        for it in (chunks, merged):
+            with contextlib.suppress(Exception):
+                await it.aclose()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

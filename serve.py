@@ -1,0 +1,57 @@
+"""jaxserve's OpenAI-compatible server: `python serve.py --model PATH` (no --model: SmolLM2).
+
+Thin on purpose: flags -> frozen configs -> engine -> uvicorn. See `python serve.py --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+
+def engine_config_from(server_config):
+    """Map the HTTP server's flags onto the engine's frozen configs."""
+    import jax
+
+    from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    # CPU serves small models to few clients; GPU defaults follow vLLM's
+    max_seqs = server_config.max_num_seqs or (16 if on_cpu else 256)
+    max_tokens = server_config.max_num_batched_tokens or (256 if on_cpu else 8192)
+    backend = None if server_config.attention_backend in (None, "auto") else server_config.attention_backend
+    return EngineConfig(
+        model=server_config.model, dtype=server_config.dtype, seed=server_config.seed,
+        attention_backend=backend, tensor_parallel_size=server_config.tensor_parallel_size,
+        sharding_config=server_config.sharding_config,
+        cache=CacheConfig(page_size=server_config.page_size, num_pages=server_config.num_pages,
+                          kv_cache_memory_bytes=server_config.kv_cache_memory,
+                          gpu_memory_utilization=server_config.gpu_memory_utilization,
+                          enable_prefix_caching=server_config.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
+                                  max_model_len=server_config.max_model_len))
+
+
+def main(argv=None) -> None:
+    from jaxserve.server.cli import parse_server_config, run_server
+
+    config = parse_server_config(argv)
+    if config.model is None:
+        from checkpoints.default_model import ensure_default_model
+        config = dataclasses.replace(config, model=ensure_default_model())
+
+    def engine_factory():
+        from jaxserve.engine.async_engine import AsyncEngine
+        from jaxserve.llm import build_engine
+
+        engine = build_engine(engine_config_from(config))
+        name = os.path.basename(os.path.normpath(config.model))
+        return AsyncEngine(engine, model_name=name)
+
+    run_server(engine_factory, config)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
