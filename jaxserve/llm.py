@@ -38,6 +38,10 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None) -> LLME
     from jaxserve.runner.runner import ModelRunner
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if config.tensor_parallel_size > 1 or config.sharding_config:
+        from jaxserve.config import ConfigError
+        raise ConfigError("--tensor-parallel-size > 1 and --sharding-config are not wired into "
+                          "the engine yet; run with one device")
     dtype = None if config.dtype in (None, "auto") else config.dtype
     loaded = load_model(config.model, dtype=dtype)
     cfg = loaded.config
@@ -126,6 +130,9 @@ class LLM:
     def _run(self, order: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(order):
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError("the engine dropped requests: "
+                                   f"{sorted(set(order) - set(finished))}")
             for out in self.engine.step():
                 if out.finished:
                     finished[out.request_id] = out

@@ -82,7 +82,9 @@ def ragged_paged_attention_reference(
         if sliding_window is not None:
             mask &= k_pos > pos - sliding_window
         p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        o = jnp.einsum("gqk,gkd->gqd", p, v.astype(jnp.float32))
+        # Zero V outside the mask too: p == 0 there, but 0 * NaN from a stale page is NaN.
+        v = jnp.where(mask[None, :, None], v.astype(jnp.float32), 0.0)
+        o = jnp.einsum("gqk,gkd->gqd", p, v)
         o = jnp.where(valid, o, 0.0)
         return o.reshape(num_q_heads, head_dim).astype(q.dtype)
 

@@ -1,0 +1,251 @@
+"""Offline throughput of jaxserve, in-process, against the roofline floor and optionally against
+Hugging Face transformers `generate` on the same model and prompts in the same run.
+
+Every request is submitted at t=0 with a fixed output length (ignore_eos), as in `vllm bench
+throughput`. One engine serves every workload of the run (its max_model_len covers the longest),
+so the run also checks that nothing compiles after warm-up.
+
+    python benchmarks/throughput.py --model-config llama3-8b                 # GPU, random weights
+    python benchmarks/throughput.py --model default --workload 128/32 --num-prompts 8 \\
+        --compare-transformers                                               # SmolLM2 on CPU
+    python benchmarks/throughput.py --smoke --compare-transformers           # CI, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import roofline  # noqa: E402
+from benchmarks.bench_engine import (EngineSettings, build_engine_from_model,  # noqa: E402
+                                     build_engine_from_path, run_offline)
+from benchmarks.model_shapes import (RandomModel, builtin_config, builtin_names,  # noqa: E402
+                                     num_params, random_model, torch_model_from_config)
+from benchmarks.workloads import GRID, Workload, make_workload, random_prompts  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="HF folder or .gguf; 'default' = the embedded SmolLM2")
+    src.add_argument("--model-config", choices=builtin_names(),
+                     help="random weights at a built-in shape, made on the device")
+    p.add_argument("--workload", nargs="+", default=None,
+                   help=f"IN/OUT cases and/or 'sharegpt' (default: {' '.join(GRID)} sharegpt)")
+    p.add_argument("--num-prompts", type=int, default=128, help="requests per workload")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, f32 on CPU), float32, "
+                   "bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-transformers", action="store_true",
+                   help="also run transformers generate on the same model and prompts")
+    p.add_argument("--hf-batch-size", type=int, default=None,
+                   help="transformers batch size (default: --max-num-seqs)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch intra-op threads for transformers (default: torch's choice; 1 "
+                        "avoids OpenMP's collapse on a CPU shared with other work)")
+    p.add_argument("--device", choices=sorted(roofline.ANCHORS),
+                   help="roofline rates from a published anchor (default: known GPU's anchor, "
+                        "else measured here)")
+    p.add_argument("--bandwidth-gbs", type=float)
+    p.add_argument("--tflops", type=float)
+    p.add_argument("--compilation-cache", help="persistent XLA compilation cache folder")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random model, every workload scaled down 32x, 4 prompts each")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.model_config = None, "tiny"
+        args.num_prompts = min(args.num_prompts, 4)
+        # one token bucket and two sequence buckets: warm-up compiles 5 step variants
+        args.max_num_seqs, args.max_num_batched_tokens = 2, 16
+        args.page_size, args.num_pages = 8, 128
+    if not args.model and not args.model_config:
+        p.error("give --model PATH or --model-config NAME (or --smoke)")
+    args.workload = args.workload or list(GRID) + ["sharegpt"]
+    return args
+
+
+def resolve_dtype(name: str) -> str:
+    import jax
+    if name != "auto":
+        return name
+    return "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+
+
+def engine_settings(args) -> EngineSettings:
+    return EngineSettings(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size, num_pages=args.num_pages,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend, seed=args.seed)
+
+
+def build(args, max_model_len: int):
+    """(engine, model config, transformers model or None) for the chosen model source."""
+    settings = engine_settings(args)
+    dtype = resolve_dtype(args.dtype)
+    hf_model = None
+    if args.model_config:
+        cfg = builtin_config(args.model_config, dtype)
+        if args.compare_transformers:
+            if num_params(cfg) > 2e9:
+                raise SystemExit(f"--compare-transformers builds {args.model_config} in "
+                                 "transformers first; use it with small configs or --model")
+            # the same random weights on both sides: made by transformers, converted by our
+            # loader's name mapping
+            hf_model, params = torch_model_from_config(cfg, args.seed)
+            from checkpoints.make_tiny_model import train_tokenizer
+            model = RandomModel(cfg, params, train_tokenizer(), f"random:{args.model_config}")
+        else:
+            model = random_model(cfg, args.seed)
+        engine = build_engine_from_model(model, settings, max_model_len)
+    else:
+        path = args.model
+        if path == "default":
+            from checkpoints.default_model import ensure_default_model
+            path = ensure_default_model()
+        args.model = path
+        engine = build_engine_from_path(path, settings, dtype, max_model_len)
+        cfg = engine.model_config
+        if args.compare_transformers:
+            from benchmarks.hf_baseline import load_hf_model
+            hf_model = load_hf_model(path, cfg.dtype)
+    return engine, cfg, hf_model
+
+
+def roofline_figures(cfg, result: dict, workload, max_num_seqs: int, rates) -> dict:
+    """Floors for the workload and for the decode steps actually run, and measured/floor."""
+    floor = roofline.workload_floor(cfg, workload.input_lens, workload.output_lens,
+                                    max_num_seqs, rates)
+    dec = [r for r in result["records"] if r.is_decode]
+    dec_floor = sum(roofline.decode_step_floor(cfg, r.num_seqs, r.kv_lens, rates)["step_s"]
+                    for r in dec)
+    dec_measured = sum(r.execute_s for r in dec)
+    return {
+        "workload_floor_s": floor["seconds"], "workload_bound": floor["bound"],
+        "floor_output_tokens_per_s": floor["output_tokens_per_s"],
+        "fraction_of_roofline": floor["seconds"] / result["elapsed_s"],
+        "decode_fraction_of_roofline": dec_floor / dec_measured if dec else None,
+        "mean_decode_batch": sum(r.num_seqs for r in dec) / len(dec) if dec else None,
+    }
+
+
+def print_case(name: str, r: dict, hf: dict | None) -> None:
+    mem = r["peak_device_memory_bytes"]
+    mem_s = f"{mem / 2**30:.2f} GiB" if mem is not None else "n/a (CPU)"
+    dec = r["decode_fraction_of_roofline"]
+    print(f"\n== {name}: {r['num_prompts']} requests, {r['input_tokens']} in / "
+          f"{r['output_tokens']} out tokens")
+    print(f"  jaxserve      {r['requests_per_s']:9.2f} req/s {r['output_tokens_per_s']:10.1f} "
+          f"out tok/s {r['total_tokens_per_s']:10.1f} total tok/s  ({r['elapsed_s']:.2f} s)")
+    frac = 100 * r["fraction_of_roofline"]
+    print(f"  roofline      floor {r['workload_floor_s'] * 1e3:.1f} ms ({r['workload_bound']}-"
+          f"bound, {r['floor_output_tokens_per_s']:.0f} out tok/s): {frac:.1f}% of roofline; "
+          f"decode steps {'n/a' if dec is None else f'{100 * dec:.1f}%'}")
+    print(f"  steps {r['steps']} ({r['decode_steps']} decode), mean {r['mean_step_ms']:.2f} ms, "
+          f"host {r['mean_host_ms_per_step']:.2f} ms/step; compiles after warm-up "
+          f"{r['compiles_since_warmup']}; peak device memory {mem_s}")
+    if hf:
+        print(f"  transformers  {hf['requests_per_s']:9.2f} req/s {hf['output_tokens_per_s']:10.1f}"
+              f" out tok/s {hf['total_tokens_per_s']:10.1f} total tok/s  ({hf['elapsed_s']:.2f} s,"
+              f" batch {hf['batch_size']})")
+        print(f"  ratio         {r['speedup_vs_transformers']:.2f}x output tokens/s; greedy "
+              f"agreement {100 * r['greedy_agreement']:.0f}% of requests (first 8 tokens)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    scale = 1 / 32 if args.smoke else 1.0
+    workloads = [make_workload(c, args.num_prompts, args.seed + 1 + i, scale=scale)
+                 for i, c in enumerate(args.workload)]
+    # measured before the engine exists: its own compiles must not count against the guard
+    rates = roofline.resolve_rates(args.device, args.bandwidth_gbs, args.tflops)
+    max_model_len = -(-max(w.max_total_len for w in workloads) // args.page_size) * args.page_size
+    t0 = time.perf_counter()
+    engine, cfg, hf_model = build(args, max_model_len)
+    build_s = time.perf_counter() - t0
+    if any(max(map(max, w.prompts)) >= cfg.vocab_size for w in workloads):
+        raise SystemExit(f"prompt token ids exceed the model's vocabulary ({cfg.vocab_size})")
+    # warm the host paths (first scheduler/detokenizer calls) on other prompts: prefix caching
+    # must not turn the timed run into cache hits
+    first = workloads[0].head(2)
+    warm = Workload("warm", random_prompts(first.input_lens, seed=10_000),
+                    [min(4, n) for n in first.output_lens])
+    run_offline(engine, warm, "warm")
+
+    from benchmarks.hf_baseline import greedy_agreement, run_hf
+    if hf_model is not None and args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
+    results = []
+    for w in workloads:
+        r = run_offline(engine, w, f"{w.name}")
+        r.update(roofline_figures(cfg, r, w, args.max_num_seqs, rates))
+        r.update(workload=w.name, num_prompts=len(w.prompts), input_tokens=sum(w.input_lens),
+                 output_tokens=sum(w.output_lens))
+        hf = None
+        if hf_model is not None:
+            pad = engine.tokenizer.pad_token_id or 0
+            hf = run_hf(hf_model, w, args.hf_batch_size or args.max_num_seqs, pad)
+            r["speedup_vs_transformers"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
+            r["greedy_agreement"] = greedy_agreement(r["token_ids"], hf.pop("token_ids"))
+            r["transformers"] = hf
+        del r["records"], r["token_ids"]
+        print_case(w.name, r, hf)
+        results.append(r)
+
+    bad = [r["workload"] for r in results if r["compiles_during_run"]]
+    if engine.runner.compiles_since_warmup() and not bad:
+        bad = ["the untimed warm-up run"]
+    dev = jax.devices()[0]
+    report = {
+        "benchmark": "throughput", "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", "benchmarks/throughput.py"] + [
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])]),
+        "device": f"{dev.platform}: {dev.device_kind}", "num_devices": jax.device_count(),
+        "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "jax_version": jax.__version__,
+        "model": args.model or f"random weights, {args.model_config} shape",
+        "dtype": cfg.dtype, "num_params": num_params(cfg),
+        "engine": dataclasses.asdict(engine_settings(args)),
+        "max_model_len": max_model_len, "num_pages": engine.runner.num_pages,
+        "build_and_warmup_s": build_s, "roofline_device": dataclasses.asdict(rates),
+        "results": results,
+    }
+    if hf_model is not None:
+        import torch
+        report["torch_threads"] = torch.get_num_threads()
+        report["transformers_version"] = __import__("transformers").__version__
+        report["torch_version"] = torch.__version__
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    print(f"\nbuild + warm-up {build_s:.1f} s; roofline rates {rates.bandwidth_gbs:.0f} GB/s, "
+          f"{rates.tflops:.3g} TFLOP/s ({rates.source})")
+    if bad:
+        print(f"ERROR: compiled after warm-up in {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Registry of paged-attention variants: how the model picks its attention function by name.
+
+Every registered function has the reference's signature plus `interpret: bool = False`:
+
+    fn(q [T, Hq, D], k_cache [L, P, Hkv, page_size, D], v_cache, layer i32[], kv_lens i32[S],
+       page_indices i32[S, pages_per_seq], cu_q_lens i32[S + 1], num_seqs i32[1], *,
+       sm_scale, soft_cap=None, sliding_window=None, interpret=False) -> [T, Hq, D]
+
+Variants:
+  "reference"             pure jnp (any platform; `interpret` is accepted and ignored).
+  "pallas_ragged"         one Pallas-Triton kernel for mixed decode + prefill steps.
+  "pallas_splitk_decode"  flash-decoding split-K kernel when the bucket has T <= S (decode-shaped),
+                          statically falling back to "pallas_ragged" when T > S. The split-K
+                          kernel itself is correct for any batch, so the choice only affects speed.
+
+On CPU the Pallas variants need interpret=True (tests); the engine uses "reference" there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import ragged_paged_attention_reference
+from pallas_kernels.splitk_decode_attention import ragged_paged_attention_splitk
+
+
+def _reference(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+               sm_scale, soft_cap=None, sliding_window=None, interpret: bool = False):
+    del interpret  # plain jnp runs the same everywhere
+    return ragged_paged_attention_reference(
+        q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+_VARIANTS: dict[str, Callable] = {
+    "reference": _reference,
+    "pallas_ragged": ragged_paged_attention,
+    "pallas_splitk_decode": ragged_paged_attention_splitk,
+}
+
+# Chosen by construction, not yet by measurement on a GPU: split-K is the ragged kernel on every
+# bucket with T > S and adds parallelism over the context on decode buckets, where the ragged
+# kernel has only S * Hkv programs. benchmarks/kernels.py measures both; revisit with its numbers.
+_DEFAULT = {"gpu": "pallas_splitk_decode", "cuda": "pallas_splitk_decode", "cpu": "reference"}
+
+
+def available_variants() -> tuple[str, ...]:
+    return tuple(_VARIANTS)
+
+
+def get_attention_fn(name: str, **config) -> Callable:
+    """The attention function registered as `name`; `config=` binds a tuning config."""
+    try:
+        fn = _VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention variant {name!r}; available: "
+                         f"{', '.join(available_variants())}") from None
+    if config:
+        if name == "reference" or set(config) != {"config"}:
+            raise ValueError(f"variant {name!r} accepts only config=<its tuning config>, got "
+                             f"{sorted(config)}")
+        fn = functools.partial(fn, **config)
+    return fn
+
+
+def default_variant(platform: str) -> str:
+    """Variant to use on `platform` ("gpu"/"cuda" or "cpu"); unknown platforms get "reference"."""
+    return _DEFAULT.get(platform.lower(), "reference")

@@ -1,0 +1,228 @@
+"""Smoke tests of the benchmark scripts: each runs end to end in a tiny configuration, as CI would
+run it, and its figures are checked for shape and sanity (not speed).
+
+serving.py is driven against a minimal fake OpenAI SSE server on 127.0.0.1 (http.server in a
+thread), so these tests do not depend on jaxserve's own server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import roofline  # noqa: E402
+from benchmarks.model_shapes import builtin_config, kv_bytes_per_token, num_params  # noqa: E402
+from benchmarks.serving import RequestResult, calculate_metrics, parse_goodput  # noqa: E402
+from benchmarks.workloads import make_workload, sharegpt_lengths  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# -- roofline -------------------------------------------------------------------------------------
+
+def test_model_shapes_match_published_sizes():
+    cfg = builtin_config("llama3-8b")
+    assert num_params(cfg) * 2 == pytest.approx(16.06e9, rel=1e-3)  # REFERENCE.md: 16.06 GB
+    assert kv_bytes_per_token(cfg) == 128 * 1024
+    assert num_params(builtin_config("qwen2.5-7b")) == pytest.approx(7.62e9, rel=1e-2)
+    assert num_params(builtin_config("smollm2-135m")) == pytest.approx(134.5e6, rel=1e-2)
+
+
+def test_roofline_floors_sit_just_under_the_published_anchors():
+    # The anchors count every parameter; our floors skip the gathered (untied) embedding
+    # table, so they are lower by its 1.05 GB, never higher.
+    cfg = builtin_config("llama3-8b")
+    h100 = roofline.ANCHORS["h100-spec"]
+    for batch, anchor_ms in ((1, 4.8), (64, 7.4), (256, 15.0)):
+        step = roofline.decode_step_floor(cfg, batch, 1024, h100)["step_s"] * 1e3
+        assert anchor_ms - 0.4 < step <= anchor_ms + 0.05, (batch, step)
+    prefill = roofline.prefill_floor(cfg, 1024, roofline.DeviceRates("x", 3350, 800, "given"))
+    assert 17.0 < prefill["seconds"] * 1e3 <= 20.6
+    # long prompts, short replies: prefill FLOPs dominate; the reverse: weight reads do
+    floor = roofline.workload_floor(cfg, [1024] * 64, [128] * 64, 64, h100)
+    assert floor["bound"] == "compute" and floor["min_decode_steps"] == 128
+    floor = roofline.workload_floor(cfg, [128] * 64, [2048] * 64, 64, h100)
+    assert floor["bound"] == "memory" and floor["min_decode_steps"] == 2048
+
+
+def test_roofline_cli(tmp_path):
+    out = tmp_path / "roofline.json"
+    proc = _run("roofline.py", "--model-config", "llama3-8b", "--device", "h200",
+                "--batch", "1", "64", "--context", "1024", "--json", str(out), timeout=60)
+    assert "memory" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["device"]["bandwidth_gbs"] == 4300
+    assert [d["batch"] for d in data["decode"]] == [1, 64]
+    assert data["decode"][0]["step_s"] < data["decode"][1]["step_s"]
+
+
+# -- workloads ------------------------------------------------------------------------------------
+
+def test_workloads_are_reproducible_and_filtered():
+    a, b = make_workload("sharegpt", 50, seed=3), make_workload("sharegpt", 50, seed=3)
+    assert a.prompts == b.prompts and a.output_lens == b.output_lens
+    ins, outs = sharegpt_lengths(500, seed=0)
+    assert min(ins) >= 4 and min(outs) >= 4 and max(ins) <= 1024
+    assert max(i + o for i, o in zip(ins, outs)) <= 2048
+    w = make_workload("1024/128", 3, seed=0)
+    assert w.input_lens == [1024] * 3 and w.output_lens == [128] * 3
+    with pytest.raises(ValueError, match="IN/OUT"):
+        make_workload("1024x128", 1)
+
+
+# -- throughput -----------------------------------------------------------------------------------
+
+def test_random_weights_are_made_on_the_device_and_fit_the_runner():
+    import jax
+
+    from benchmarks.bench_engine import EngineSettings
+    from benchmarks.model_shapes import random_model
+    from jaxserve.llm import resolve_attention
+    from jaxserve.runner.runner import ModelRunner
+
+    cfg = builtin_config("tiny")
+    model = random_model(cfg, seed=1)
+    leaves = jax.tree.leaves(model.params)
+    assert all(isinstance(x, jax.Array) and x.dtype == "float32" for x in leaves)
+    assert sum(x.size for x in leaves) == num_params(cfg)
+    assert float(model.params["final_norm"][0]) == 1.0
+    settings = EngineSettings(max_num_seqs=2, max_num_batched_tokens=16, num_pages=8)
+    runner = ModelRunner(model, settings.engine_config("random:tiny", None, 64), 64,
+                         resolve_attention(None)[1], log=lambda _: None)
+    assert runner.plan.weight_bytes == num_params(cfg) * 4  # no warm-up: nothing compiled
+
+
+
+def test_throughput_smoke_with_transformers(tmp_path):
+    out = tmp_path / "throughput.json"
+    _run("throughput.py", "--smoke", "--compare-transformers", "--workload", "128/128",
+         "1000/1000", "sharegpt", "--json", str(out), timeout=240)
+    data = json.loads(out.read_text())
+    assert [r["workload"] for r in data["results"]] == ["128/128", "1000/1000", "sharegpt"]
+    for r in data["results"]:
+        assert r["compiles_since_warmup"] == 0 and r["compiles_during_run"] == 0
+        assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        assert 0 < r["fraction_of_roofline"] < 1.5  # a floor: ~never beaten, CPU noise aside
+        assert r["mean_host_ms_per_step"] > 0
+        # same weights, same prompts, greedy: transformers must produce the same tokens
+        assert r["greedy_agreement"] == 1.0
+        assert r["speedup_vs_transformers"] > 0
+    assert data["results"][1]["input_tokens"] == 4 * round(1000 / 32)
+
+
+# -- serving --------------------------------------------------------------------------------------
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """Streams one chunk per requested token, then a usage chunk and [DONE]."""
+    protocol_version = "HTTP/1.0"  # the connection closes after each response: no framing
+    received: list[dict] = []
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [{"id": "fake-model"}]})
+        else:
+            self._send_json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).received.append(body)
+        if not isinstance(body.get("prompt"), list) or not body.get("stream"):
+            self._send_json(400, {"error": {"message": "expected token ids, stream=true"}})
+            return
+        n = body["max_tokens"]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(n):
+            time.sleep(0.002)
+            chunk = {"object": "text_completion", "usage": None, "choices": [
+                {"index": 0, "text": f" t{i}", "finish_reason": "length" if i == n - 1 else None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
+                 "total_tokens": len(body["prompt"]) + n}
+        self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+@pytest.fixture()
+def fake_server():
+    _FakeOpenAI.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_serving_against_fake_server(fake_server, tmp_path):
+    out = tmp_path / "serving.json"
+    proc = _run("serving.py", "--base-url", fake_server, "--random-input-len", "12",
+                "--random-output-len", "6", "--num-prompts", "8", "--request-rate", "100",
+                "--max-concurrency", "3", "--goodput", "ttft:5000", "tpot:5000",
+                "--save-result", str(out), timeout=60)
+    assert "Serving Benchmark Result" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["completed"] == 8 and data["failed"] == 0
+    assert data["total_input_tokens"] == 96 and data["total_output_tokens"] == 48
+    assert data["max_concurrent_requests"] <= 3
+    assert data["request_goodput"] == pytest.approx(data["request_throughput"])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "p50", "p90", "p99"):
+            assert data[f"{stat}_{name}_ms"] >= 0
+    assert data["mean_itl_ms"] >= 1.5          # the fake sleeps 2 ms per chunk
+    assert all(len(itl) == 5 for itl in data["itls"])
+    sent = _FakeOpenAI.received
+    assert len(sent) == 8 and all(b["model"] == "fake-model" and b["ignore_eos"] for b in sent)
+    assert all(len(b["prompt"]) == 12 and b["stream_options"]["include_usage"] for b in sent)
+
+
+def test_serving_stops_dispatching_at_max_seconds(fake_server, tmp_path):
+    out = tmp_path / "serving.json"
+    _run("serving.py", "--base-url", fake_server, "--random-input-len", "4",
+         "--random-output-len", "2", "--num-prompts", "1000", "--request-rate", "20",
+         "--max-seconds", "0.5", "--model", "m", "--save-result", str(out), timeout=60)
+    data = json.loads(out.read_text())
+    assert 0 < data["completed"] < 100 and data["failed"] == 0
+
+
+def test_serving_metrics_and_goodput():
+    def res(ttft, latency, n):
+        return RequestResult(prompt_len=10, success=True, output_tokens=n, ttft=ttft,
+                             latency=latency, itl=[(latency - ttft) / (n - 1)] * (n - 1))
+    results = [res(0.1, 1.1, 11), res(0.3, 0.8, 6), RequestResult(prompt_len=10, error="x")]
+    m = calculate_metrics(results, 2.0, [50, 99], parse_goodput(["ttft:200", "tpot:200"]))
+    assert m["completed"] == 2 and m["failed"] == 1
+    assert m["mean_ttft_ms"] == pytest.approx(200.0)
+    assert m["mean_tpot_ms"] == pytest.approx(100.0)       # 1.0/10 and 0.5/5 s per token
+    assert m["request_goodput"] == pytest.approx(0.5)      # only the first meets ttft <= 200
+    assert m["output_throughput"] == pytest.approx(8.5)
+    with pytest.raises(ValueError, match="ttft"):
+        parse_goodput(["latency:3"])
