@@ -11,8 +11,10 @@ an incomplete character (the idea of vLLM's detokenize_incrementally, on ids).
 
 Stop strings: the earliest occurrence of any stop string in the new text, including one that
 started in earlier tokens, ends the output; the text is cut before it (or after it with
-include_stop_str_in_output). Text that could still turn out to be the start of a stop string is
-held back from the stream until the next tokens settle it.
+include_stop_str_in_output); as in vLLM, a stop string must end after the text of the first
+min_tokens tokens. Text that could still turn out to be the start of a stop string is held back
+from the stream until the next tokens settle it, or until the output ends (finish_reason, the
+max_tokens-th token, or flush()), when everything left is released.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ _PROMPT_CONTEXT = 5
 class IncrementalDetokenizer:
     """Turns one request's generated ids into streamed text deltas, watching for stop strings.
 
-    add_token(id) -> (delta, stop): the text newly safe to stream, and the stop string that ended
-    the output (None while running). After a stop string, add_token must not be called again.
-    flush() -> delta: at the end of a request that stopped any other way (length, EOS, stop token,
-    abort), releases the held-back text and any incomplete trailing character.
-
-    Following vLLM, an engine that stops on EOS or a stop_token_id does not feed that token here
-    unless include_stop_str_in_output is set (its text is not part of the output); it calls
-    flush() instead.
+    add_token(id, finish_reason=None) -> (delta, stop): the text newly safe to stream, and the
+    stop string that ended the output (None otherwise). The engine passes the request's
+    finish_reason when this token ended it ("stop" for EOS / a stop token id, "length", "abort"):
+    the held-back text is then released, and, as in vLLM, the text of a stopping EOS or stop
+    token id is left out unless include_stop_str_in_output. The max_tokens-th token ends the
+    output even without a finish_reason. flush() ends it from outside (e.g. an abort).
+    Once the output has ended, add_token raises.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams):
@@ -45,6 +46,8 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stops = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
+        self.max_tokens = params.max_tokens
         self._max_stop = max((len(s) for s in self.stops), default=0)
         # Only the tail of the prompt matters for decoding; the window grows with the outputs.
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
@@ -52,17 +55,19 @@ class IncrementalDetokenizer:
         self._prefix = 0             # start of the decode window (context for the next ids)
         self._text = ""              # decoded output text (complete characters only)
         self._emitted = 0            # characters of _text already streamed
+        self._stop_floor = 0         # stop strings must end after this (text of min_tokens)
+        self._ended = False
         self.stop_reason: str | None = None
         self.num_output_tokens = 0
 
     @property
     def text(self) -> str:
-        """The output text streamed so far (final once stopped or flushed)."""
+        """The output text streamed so far (the whole output once it has ended)."""
         return self._text[:self._emitted]
 
     @property
     def finished(self) -> bool:
-        return self.stop_reason is not None
+        return self._ended
 
     # -- decoding -----------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -84,12 +89,11 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text):]
 
     # -- stop strings -------------------------------------------------------------------------
-    def _find_stop(self, new_from: int) -> tuple[int, str] | None:
-        """Earliest stop string overlapping text[new_from:]; ties go to the first listed."""
-        start = max(0, new_from - self._max_stop + 1)
+    def _find_stop(self, check_from: int) -> tuple[int, str] | None:
+        """Earliest stop string ending after text[:check_from]; ties go to the first listed."""
         best = None
         for s in self.stops:
-            i = self._text.find(s, start)
+            i = self._text.find(s, max(0, check_from - len(s) + 1))
             if i != -1 and (best is None or i < best[0]):
                 best = (i, s)
         return best
@@ -106,46 +110,62 @@ class IncrementalDetokenizer:
                 return n
         return 0
 
-    def _advance(self, new: str, flush: bool) -> tuple[str, str | None]:
+    def _advance(self, new: str, release: bool) -> tuple[str, str | None]:
         new_from = len(self._text)
         self._text += new
-        if self.stops and new:
-            hit = self._find_stop(new_from)
+        if self.num_output_tokens <= self.min_tokens:
+            # vLLM: text of the first min_tokens tokens cannot complete a stop string.
+            self._stop_floor = len(self._text)
+        check_from = max(new_from, self._stop_floor)
+        if self.stops and len(self._text) > check_from:
+            hit = self._find_stop(check_from)
             if hit is not None:
                 i, s = hit
                 self._text = self._text[:i + len(s) if self.include_stop else i]
-                self.stop_reason = s
+                self.stop_reason, self._ended = s, True
                 delta = self._text[self._emitted:]
                 self._emitted = len(self._text)
                 return delta, s
-        upto = len(self._text) if flush else len(self._text) - self._held_back()
+        upto = len(self._text) if release else len(self._text) - self._held_back()
         delta = self._text[self._emitted:upto]
         self._emitted = max(self._emitted, upto)
         return delta, None
 
     # -- public -------------------------------------------------------------------------------
-    def add_token(self, token_id: int) -> tuple[str, str | None]:
-        """Append one generated id; return (text delta to stream, stop string or None)."""
-        if self.finished:
-            raise RuntimeError(f"output already ended at stop string {self.stop_reason!r}")
-        self._ids.append(int(token_id))
+    def add_token(self, token_id: int, finish_reason: str | None = None) -> tuple[str, str | None]:
+        """Append one generated id; return (text delta to stream, stop string or None).
+        finish_reason: the request's, when this token ended it (see the class docstring)."""
+        if self._ended:
+            raise RuntimeError("the output already ended"
+                               + (f" at stop string {self.stop_reason!r}" if self.stop_reason
+                                  else ""))
         self.num_output_tokens += 1
-        return self._advance(self._new_text(force=False), flush=False)
+        ends = finish_reason is not None or self.num_output_tokens == self.max_tokens
+        if finish_reason == "stop" and not self.include_stop:
+            new = ""  # a stopping EOS / stop token id is not part of the text
+        else:
+            self._ids.append(int(token_id))
+            new = self._new_text(force=False)
+        delta, stop = self._advance(new, release=False)
+        if stop is None and ends:
+            delta += self.flush()
+        return delta, stop
 
     def add_tokens(self, token_ids: Sequence[int]) -> tuple[str, str | None]:
-        """add_token over several ids; stops at the first stop string."""
+        """add_token over several ids (none of them a finishing one); stops at a stop string."""
         out = []
         for t in token_ids:
             delta, stop = self.add_token(t)
             out.append(delta)
-            if stop is not None:
+            if stop is not None or self._ended:
                 return "".join(out), stop
         return "".join(out), None
 
     def flush(self) -> str:
-        """End of output: stream whatever was held back (incomplete characters included, as
-        U+FFFD, as a full decode shows them). Returns the delta; idempotent."""
-        if self.finished:
+        """End the output: return whatever was held back (an incomplete trailing character
+        included, as U+FFFD, as a full decode shows it). Idempotent."""
+        if self._ended:
             return ""
-        delta, stop = self._advance(self._new_text(force=True), flush=True)
+        delta, _ = self._advance(self._new_text(force=True), release=True)
+        self._ended = True
         return delta

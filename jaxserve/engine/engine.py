@@ -68,6 +68,7 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._validate_prompt(ids, params)
+        params.verify_token_ids(self.vocab_size)  # logit_bias / stop_token_ids in vocabulary
         state = _RequestState(request_id, text, ids, params, samples=[],
                               arrival_time=arrival_time or time.monotonic())
         if params.prompt_logprobs is not None:
@@ -122,6 +123,7 @@ class LLMEngine:
             return None
         for sample in state.samples:
             self.scheduler.abort_request(sample.request.request_id)
+            sample.detok.flush()  # release text held back for a stop string that never came
         return self._output(state)
 
     def has_unfinished_requests(self) -> bool:
@@ -161,7 +163,8 @@ class LLMEngine:
             if state is None:
                 continue
             sample = state.samples[self._index_of(req)]
-            _, stop_str = sample.detok.add_token(req.output_token_ids[-1])
+            _, stop_str = sample.detok.add_token(req.output_token_ids[-1],
+                                                 finish_reason=req.finish_reason)
             if stop_str is not None and not req.is_finished:
                 self.scheduler.abort_request(req.request_id)  # frees its pages now
                 req.status = RequestStatus.RUNNING  # then mark it stopped, not aborted

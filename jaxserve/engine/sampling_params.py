@@ -62,7 +62,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
-            raise SamplingParamsError("stop_token_ids", "stop_token_ids must be a list of integers.")
+            raise SamplingParamsError("stop_token_ids",
+                                      "stop_token_ids must be a list of integers.")
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))  # dedup, keep order
         if self.top_k == -1:
             self.top_k = 0
@@ -154,7 +155,8 @@ class SamplingParams:
             bad("stop_token_ids", f"stop_token_ids must contain only integers, got "
                 f"{self.stop_token_ids}.")
         if any(t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
+            bad("stop_token_ids",
+                f"stop_token_ids must be non-negative, got {self.stop_token_ids}.")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"stop_token_ids can hold at most {MAX_STOP_TOKEN_IDS} ids, got "
                 f"{len(self.stop_token_ids)}.")

@@ -22,12 +22,12 @@ class SeqInput(Protocol):
     page_ids: list[int]    # the sequence's page table, covering every position so far
 
 
-def power_of_two_buckets(lo: int, hi: int) -> list[int]:
-    """lo, 2lo, 4lo, ... capped by hi, with hi itself always the last bucket."""
+def geometric_buckets(lo: int, hi: int, factor: int = 2) -> list[int]:
+    """lo, lo*factor, lo*factor^2, ... capped by hi, with hi itself always the last bucket."""
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(hi)
     return out
 
@@ -39,8 +39,10 @@ class Buckets:
 
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, min_tokens: int = 16):
-        tokens = power_of_two_buckets(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
-        seqs = power_of_two_buckets(1, max_num_seqs)
+        tokens = geometric_buckets(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
+        # Sequence slots only size the metadata and the sampler's [S, V] work, so coarser
+        # steps (x4) cost little padding and halve the number of compiled variants.
+        seqs = geometric_buckets(1, max_num_seqs, factor=4)
         return cls(tuple(tokens), tuple(seqs))
 
     def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
@@ -49,10 +51,15 @@ class Buckets:
         return t, s
 
     def all_shapes(self) -> list[tuple[int, int]]:
-        """Every (tokens, seqs) pair `pick` can return. A step never has more sequences than
-        tokens, and both buckets round up to powers of two (or the caps, with
-        max_num_seqs <= max_num_batched_tokens), so seqs <= tokens always."""
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+        """Every (tokens, seqs) pair `pick` can return: a step has at most as many sequences as
+        tokens, so a seq bucket is needed with token bucket t up to the first one >= t."""
+        shapes = []
+        for t in self.token_buckets:
+            for s in self.seq_buckets:
+                shapes.append((t, s))
+                if s >= t:
+                    break
+        return shapes
 
 
 def pack_batch(seqs: list[SeqInput], num_tokens: int, num_seq_slots: int, pages_per_seq: int,

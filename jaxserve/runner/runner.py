@@ -53,14 +53,17 @@ class ModelRunner:
     # -- warm-up ---------------------------------------------------------------------------
     def _variants(self):
         """(tokens, seqs, use_penalties, all_logits) for every step the engine can issue.
-        Penalty and prompt-logprob steps always use the largest sequence bucket."""
+        Penalty steps use the largest sequence bucket; prompt-logprob steps (rare) also the
+        largest token bucket, so each costs one compile."""
         s_max = self.buckets.seq_buckets[-1]
+        t_max = self.buckets.token_buckets[-1]
         for t, s in self.buckets.all_shapes():
             yield t, s, False, False
         for t in self.buckets.token_buckets:
-            if s_max <= t:
-                for pen, all_logits in ((True, False), (False, True), (True, True)):
-                    yield t, s_max, pen, all_logits
+            if t >= s_max:
+                yield t, s_max, True, False
+        yield t_max, s_max, False, True
+        yield t_max, s_max, True, True
 
     def warmup(self, progress: bool = True) -> None:
         variants = list(self._variants())
@@ -88,6 +91,9 @@ class ModelRunner:
         all_logits = prompt_targets is not None
         if use_pen or all_logits:
             s = self.buckets.seq_buckets[-1]
+            t, _ = self.buckets.pick(max(num_tokens, s), 1)
+        if all_logits:
+            t = self.buckets.token_buckets[-1]
         return self._run(seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets)
 
     def _run(self, seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets):

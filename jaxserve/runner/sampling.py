@@ -54,11 +54,11 @@ class SamplingMetadata:
     seed_key: jnp.ndarray            # u32[S, 2]  threefry key data of the seed (hi, lo words)
     has_seed: jnp.ndarray            # bool[S]
     salt: jnp.ndarray                # u32[S]     per-request randomness for unseeded rows
-    output_index: jnp.ndarray        # i32[S]     index of the token being sampled (= outputs so far)
+    output_index: jnp.ndarray        # i32[S]     index of the token being sampled (outputs so far)
     bias_ids: jnp.ndarray            # i32[S, B]  logit_bias token ids, -1 padded
     bias_values: jnp.ndarray         # f32[S, B]
     forbidden_ids: jnp.ndarray       # i32[S, M]  EOS + stop_token_ids while < min_tokens, -1 padded
-    penalty_token_ids: jnp.ndarray   # i32[S, W]  prompt then output ids, -1 padded (W=1: no penalties)
+    penalty_token_ids: jnp.ndarray   # i32[S, W]  prompt then output ids, -1 padded (W=1: unused)
     num_prompt_tokens: jnp.ndarray   # i32[S]     where the outputs start in penalty_token_ids
 
 
@@ -197,7 +197,7 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
         # t > 0 never turns greedy on the device, however small (0 is the only greedy value).
         temperature=column([p.temperature and max(p.temperature, GREEDY_EPS) for p in params],
                            np.float32, 0.0),
-        top_k=column([p.top_k for p in params], np.int32, 0),
+        top_k=column([min(p.top_k, 2**31 - 1) for p in params], np.int32, 0),
         top_p=column([p.top_p for p in params], np.float32, 1.0),
         min_p=column([p.min_p for p in params], np.float32, 0.0),
         repetition_penalty=column([p.repetition_penalty for p in params], np.float32, 1.0),
@@ -251,44 +251,75 @@ def apply_logit_adjustments(logits: jnp.ndarray, md: SamplingMetadata, *,
     return logits
 
 
-def _top_k_top_p_threshold(scaled: jnp.ndarray, top_k: jnp.ndarray,
-                           top_p: jnp.ndarray) -> jnp.ndarray:
-    """Per-row logit threshold of top-k then top-p; tokens >= it are kept. f32[S, V] -> f32[S].
+# top-k and top-p thresholds are found by bisection on the bits of the logits instead of a sort:
+# 32 halvings of the uint32 range pin the exact threshold value, each one a fused compare-and-
+# reduce over [S, V]. On CPU this is ~10x faster than sorting [64, 49152]; on GPU it avoids a
+# full-vocabulary sort per step. Thresholds, not sorted positions, decide what is kept, so tokens
+# tied with the last kept one are all kept and no sort order can split a tie.
+_BISECT_STEPS = 32
 
-    Thresholds (not sorted positions) decide, so tokens tied with the last kept one are all kept:
-    the kept set never depends on how a sort orders equal values. top-k keeps the k largest logits
-    and their ties (as transformers' TopKLogitsWarper); top-p then keeps, of what remains, the
-    smallest most-likely prefix whose probability reaches top_p (every token whose more likely
-    predecessors hold less than top_p, as transformers' TopPLogitsWarper), plus ties."""
-    V = scaled.shape[-1]
-    desc = -jnp.sort(-scaled, axis=-1)                                      # f32[S, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)                      # i32[S]
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)              # f32[S, 1]
-    kth = jnp.where((top_k > 0)[:, None], kth, -jnp.inf)
-    desc = jnp.where(desc >= kth, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)                                   # f32[S, V]
-    cum = jnp.cumsum(probs, axis=-1)
-    before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)  # mass ahead
-    reached = before >= top_p[:, None]                                      # bool[S, V]
-    # The first position whose predecessors reach top_p is the first one cut; none: keep all.
-    n_keep = jnp.where(reached.any(axis=-1), jnp.argmax(reached, axis=-1), V)  # i32[S] >= 1
-    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)         # f32[S, 1]
-    pth = jnp.where((top_p < 1.0)[:, None], pth, -jnp.inf)
-    return jnp.maximum(kth, pth)[:, 0]
+
+def _ordered_keys(x: jnp.ndarray) -> jnp.ndarray:
+    """f32 -> u32 keys with the same order (-inf lowest, +inf highest); equal floats, equal keys."""
+    i = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)  # + 0.0 turns -0.0 into +0.0
+    i = i ^ ((i >> 31) & 0x7FFFFFFF)                      # negatives: reverse their order
+    return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _top_k_key(keys: jnp.ndarray, top_k: jnp.ndarray) -> jnp.ndarray:
+    """Key of the k-th largest logit per row (the lowest key where top_k is off). u32[S].
+    Keeping keys >= it keeps the k largest and their ties, as transformers' TopKLogitsWarper."""
+    V = keys.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)                  # i32[S]
+    lowest, highest = keys.min(axis=-1), keys.max(axis=-1)              # u32[S]
+
+    def halve(_, bounds):  # invariant: >= k keys are >= lo; the answer is <= hi
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        ok = (keys >= mid[:, None]).sum(axis=-1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    kth, _ = jax.lax.fori_loop(0, _BISECT_STEPS, halve, (lowest, highest))
+    return jnp.where(top_k > 0, kth, lowest)
+
+
+def _top_p_key(keys: jnp.ndarray, scaled: jnp.ndarray, floor: jnp.ndarray,
+               top_p: jnp.ndarray) -> jnp.ndarray:
+    """Lowest key t, among the tokens >= floor (what top-k left), whose strictly more likely
+    tokens hold less than top_p of the renormalised mass. u32[S]; 0 where top_p is off.
+    Keeping keys >= t keeps exactly the tokens whose more likely predecessors hold less than
+    top_p, as transformers' TopPLogitsWarper (plus ties of the last one)."""
+    inside = keys >= floor[:, None]                                     # bool[S, V]
+    row_max = jnp.max(jnp.where(inside, scaled, -jnp.inf), axis=-1, keepdims=True)
+    e = jnp.where(inside, jnp.exp(scaled - row_max), 0.0)               # f32[S, V]
+    probs = e / e.sum(axis=-1, keepdims=True)
+    lowest, highest = floor, keys.max(axis=-1)
+
+    def halve(_, bounds):  # invariant: mass above hi < top_p; the answer is >= lo
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.where(keys > mid[:, None], probs, 0.0).sum(axis=-1) < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    _, t = jax.lax.fori_loop(0, _BISECT_STEPS, halve, (lowest, highest))
+    return jnp.where(top_p < 1.0, t, jnp.uint32(0))
 
 
 def filter_logits(logits: jnp.ndarray, md: SamplingMetadata) -> jnp.ndarray:
     """Temperature, then top-k, top-p, min-p: f32[S, V] -> f32[S, V] with removed tokens at -inf.
     The result's softmax is the distribution a random row samples from."""
-    t = jnp.where(md.temperature >= GREEDY_EPS, md.temperature, 1.0)  # greedy rows: any finite t
-    scaled = logits / t[:, None]                                       # f32[S, V]
-    needs_sort = jnp.any(((md.top_k > 0) | (md.top_p < 1.0)) & (md.temperature >= GREEDY_EPS))
-    # The sort is the costly part of sampling; skip it when no row in the batch uses top-k/p.
-    threshold = jax.lax.cond(
-        needs_sort, _top_k_top_p_threshold,
-        lambda s, k, p: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
-        scaled, md.top_k, md.top_p)                                    # f32[S]
-    keep = scaled >= threshold[:, None]
+    random_rows = md.temperature >= GREEDY_EPS                         # bool[S]
+    t = jnp.where(random_rows, md.temperature, 1.0)                     # greedy rows: any finite t
+    scaled = logits / t[:, None]                                        # f32[S, V]
+    keys = _ordered_keys(scaled)                                        # u32[S, V]
+    lowest = keys.min(axis=-1)                                          # u32[S]
+    # Each search costs 32 passes over [S, V]: skip it when no sampled row of the batch uses it.
+    k_key = jax.lax.cond(jnp.any(random_rows & (md.top_k > 0)), _top_k_key,
+                         lambda keys, top_k: lowest, keys, md.top_k)
+    p_key = jax.lax.cond(jnp.any(random_rows & (md.top_p < 1.0)), _top_p_key,
+                         lambda keys, scaled, floor, top_p: jnp.zeros_like(floor),
+                         keys, scaled, k_key, md.top_p)
+    keep = keys >= jnp.maximum(k_key, p_key)[:, None]                   # bool[S, V]
     # min-p compares p_i with min_p * p_max; renormalising after top-k/p scales both alike, so
     # exp(logit - max) >= min_p is the same test on whatever distribution remains.
     row_max = jnp.max(scaled, axis=-1, keepdims=True)
@@ -333,11 +364,12 @@ def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
 
     def draw(adjusted):
         filtered = filter_logits(adjusted, md)                            # f32[S, V]
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(row_keys(md, base_key))
+        keys = row_keys(md, base_key)                                     # key[S]
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # f32[S, V]
         # Gumbel-max: argmax(logit + Gumbel noise) is an exact draw from softmax(logit).
         return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
-    # An all-greedy batch (the common benchmark case) skips the sort and the noise entirely.
+    # An all-greedy batch (the common benchmark case) skips filtering and noise entirely.
     random_ids = jax.lax.cond(jnp.all(is_greedy), lambda a: greedy_ids, draw, adjusted)
     token_ids = jnp.where(is_greedy, greedy_ids, random_ids)              # i32[S]
     token_lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
