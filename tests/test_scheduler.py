@@ -69,7 +69,8 @@ def reference_output(request, max_model_len):
 def make_scheduler(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
                    max_model_len=256, enable_prefix_caching=True):
     bm = BlockManager(num_pages, page_size, enable_prefix_caching)
-    return Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_model_len), FakeModel(num_pages, page_size)
+    sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_model_len)
+    return sched, FakeModel(num_pages, page_size)
 
 
 def step(sched, model):
@@ -108,25 +109,17 @@ def assert_pool_whole(sched):
     assert bm.num_free_pages == bm.num_pages and bm.usage == 0.0
 
 
-# ---------------------------------------------------------------------- Request stop rules
-
-
-def test_stop_on_eos_unless_ignored():
+def test_stop_tokens_eos_and_min_tokens():
     r = make_request("a", [1, 2], max_tokens=10, ignore_eos=False)
-    assert not r.append_output_token(5)
-    assert r.append_output_token(EOS)
-    assert r.finish_reason == "stop" and r.stop_reason is None
-    assert r.status == RequestStatus.FINISHED_STOPPED
+    assert not r.append_output_token(5) and r.append_output_token(EOS)
+    assert r.finish_reason == "stop" and r.stop_reason is None and r.status == RequestStatus.FINISHED_STOPPED
     r = make_request("b", [1, 2], max_tokens=10, ignore_eos=True)
     assert not r.append_output_token(EOS)
-
-
-def test_stop_token_ids_record_stop_reason_and_respect_min_tokens():
-    r = make_request("a", [1], max_tokens=10, stop_token_ids=[7], min_tokens=2)
+    r = make_request("c", [1], max_tokens=10, stop_token_ids=[7], min_tokens=2)
     assert not r.append_output_token(7)  # below min_tokens: kept as an ordinary token
     assert r.append_output_token(7)
     assert r.finish_reason == "stop" and r.stop_reason == 7
-    r = make_request("b", [1], max_tokens=10, min_tokens=3, ignore_eos=False)
+    r = make_request("d", [1], max_tokens=10, min_tokens=3, ignore_eos=False)
     assert not r.append_output_token(EOS) and not r.append_output_token(EOS)
     assert r.append_output_token(EOS)
 
@@ -139,14 +132,9 @@ def test_length_caps():
     assert not r.append_output_token(5, max_model_len=5)
     assert r.append_output_token(5, max_model_len=5) and r.finish_reason == "length"
     assert r.num_tokens == 5 and r.all_token_ids == [1, 2, 3, 5, 5]
-
-
-def test_stop_token_on_last_allowed_token_reports_stop():
-    r = make_request("a", [1], max_tokens=1, stop_token_ids=[9])
+    # A stop token sampled as the last allowed token reports what happened: "stop".
+    r = make_request("c", [1], max_tokens=1, stop_token_ids=[9])
     assert r.append_output_token(9) and r.finish_reason == "stop" and r.stop_reason == 9
-
-
-# ---------------------------------------------------------------------- admission
 
 
 def test_rejects_requests_that_can_never_run():
@@ -172,16 +160,13 @@ def test_engine_modules_do_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ---------------------------------------------------------------------- scheduling policy
-
-
 def test_chunked_prefill_then_decode():
     sched, model = make_scheduler(num_pages=64, page_size=16, max_num_batched_tokens=32)
     request = make_request("a", range(100), max_tokens=3)
     sched.add_request(request)
     chunks = []
     for _ in range(4):
-        out, updated = step(sched, model)
+        out, _ = step(sched, model)
         (seq,) = out.scheduled
         chunks.append((seq.start_pos, seq.num_new_tokens, seq.sample, seq.is_prefill))
         assert seq.token_ids == list(range(seq.start_pos, seq.end_pos))
@@ -204,10 +189,9 @@ def test_decodes_before_prefills():
     short = make_request("short", range(100, 103), max_tokens=5)
     sched.add_request(long)
     sched.add_request(short)
-    out, _ = step(sched, model)
-    assert [s.request_id for s in out.scheduled] == ["long"]  # the whole budget, FCFS
-    out, _ = step(sched, model)
-    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 16)]
+    for _ in range(2):
+        out, _ = step(sched, model)
+        assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 16)]  # FCFS
     out, _ = step(sched, model)
     assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 8), ("short", 3)]
     late = make_request("late", range(200, 220), max_tokens=2)
@@ -222,11 +206,10 @@ def test_token_budget_respected_with_many_prompts():
     sched, model = make_scheduler(num_pages=256, page_size=4, max_num_seqs=16,
                                   max_num_batched_tokens=24)
     requests = [make_request(f"r{i}", range(i, i + 5 + 7 * i), max_tokens=4) for i in range(12)]
-    seen_full_budget = []
-    finished = run_to_completion(
-        sched, model, arrivals={0: requests},
-        on_step=lambda i, out: seen_full_budget.append(out.num_scheduled_tokens == 24))
-    assert any(seen_full_budget)
+    budgets = []
+    finished = run_to_completion(sched, model, arrivals={0: requests},
+                                 on_step=lambda i, out: budgets.append(out.num_scheduled_tokens))
+    assert max(budgets) == 24  # run_to_completion checks it is never exceeded
     for r in requests:
         assert finished[r.request_id].output_token_ids == reference_output(r, 256)[0]
     assert_pool_whole(sched)
@@ -260,13 +243,11 @@ def test_prefix_hit_skips_cached_pages():
 
 
 def test_preemption_under_tiny_pool_matches_unpressured_run():
-    rng = random.Random(0)
-    shared = [rng.randrange(1, VOCAB) for _ in range(9)]
+    shared = [5, 9, 2, 33, 17, 8, 41, 12, 3]
 
-    def workload():
-        return [make_request(f"r{i}", shared[:rng_i % 9] + [(7 * i + j) % VOCAB for j in range(4 + i)],
-                             max_tokens=12 + i)
-                for i, rng_i in enumerate([3, 8, 0, 5, 9, 1, 4, 8])]
+    def workload():  # prompts share prefixes of various lengths, so cached pages get evicted
+        return [make_request(f"r{i}", shared[:cut] + [(7 * i + j) % VOCAB for j in range(4 + i)],
+                             max_tokens=12 + i) for i, cut in enumerate([3, 8, 0, 5, 9, 1, 4, 8])]
 
     relaxed, relaxed_model = make_scheduler(num_pages=512, page_size=4, max_num_seqs=8)
     baseline = run_to_completion(relaxed, relaxed_model, arrivals={0: workload()})
@@ -290,13 +271,15 @@ def test_preempted_request_goes_back_ahead_of_later_arrivals():
     sched, model = make_scheduler(num_pages=6, page_size=4, max_num_seqs=4,
                                   max_num_batched_tokens=32)
     a = make_request("a", range(8), max_tokens=14)   # grows to 6 pages
-    b = make_request("b", range(50, 58), max_tokens=4)
+    b = make_request("b", range(50, 58), max_tokens=8)  # grows to 4 pages
     sched.add_request(a)
     sched.add_request(b)
     preempted = []
-    while not preempted:
+    for _ in range(10):  # both hold 3 pages after 5 steps; the 6th step needs 2 more
         out, _ = step(sched, model)
         preempted = out.preempted_ids
+        if preempted:
+            break
     assert preempted == ["b"]  # the most recent arrival, never the older one
     assert b.status == RequestStatus.PREEMPTED and b.page_ids == [] and b.num_computed_tokens == 0
     c = make_request("c", range(90, 92), max_tokens=1)
@@ -326,7 +309,8 @@ def test_abort_mid_decode_frees_pages():
     out = sched.schedule()
     assert out.finished_ids == ["a"] and [s.request_id for s in out.scheduled] == ["b"]
     sched.update_from_output(out, model.step(out))
-    sched.abort_request("b")
+    sched.finish_request("b", RequestStatus.FINISHED_STOPPED, stop_reason="END")  # a stop string
+    assert (b.finish_reason, b.stop_reason) == ("stop", "END") and not sched.requests
     assert_pool_whole(sched)
 
 
@@ -345,22 +329,38 @@ def test_aborted_waiting_request_never_runs():
     assert first.finish_reason == "length"
 
 
+def test_forked_request_starts_after_shared_pages():
+    """n > 1 samples: the engine forks a prefilled parent; the child skips the shared pages."""
+    sched, model = make_scheduler(num_pages=32, page_size=4)
+    parent = make_request("p", range(10), max_tokens=4)
+    sched.add_request(parent)
+    step(sched, model)  # prefill; parent.num_computed_tokens == 10
+    child = make_request("c", range(10), max_tokens=4)
+    sched.block_manager.fork(parent, child)
+    sched.add_request(child)
+    sched.block_manager.check_invariants([parent, child])
+    out, _ = step(sched, model)
+    assert [(s.request_id, s.start_pos, s.num_new_tokens) for s in out.scheduled] == [
+        ("p", 10, 1), ("c", 8, 2)]
+    assert out.scheduled[1].page_ids[:2] == parent.page_ids[:2]
+    run_to_completion(sched, model)
+    assert child.output_token_ids == reference_output(child, 256)[0]
+    assert_pool_whole(sched)
+
+
 def test_eos_finishes_and_max_model_len_caps():
     sched, model = make_scheduler(max_model_len=20)
     prompts = [[i, i + 1, i + 2] for i in range(1, 40, 3)]
     requests = [make_request(f"r{i}", p, max_tokens=None, ignore_eos=False)
                 for i, p in enumerate(prompts)]
     finished = run_to_completion(sched, model, arrivals={0: requests})
-    reasons = set()
     for r in requests:
-        out, reason = reference_output(r, 20)
-        assert finished[r.request_id].output_token_ids == out and r.finish_reason == reason
+        assert (finished[r.request_id].output_token_ids, r.finish_reason) == reference_output(r, 20)
         assert r.num_tokens <= 20
-        reasons.add(reason)
-    assert reasons == {"stop", "length"}  # both paths are exercised
+    assert {r.finish_reason for r in requests} == {"stop", "length"}  # both paths are exercised
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 def test_random_workloads_always_finish(seed):
     rng = random.Random(seed)
     page_size = rng.choice([1, 2, 4, 8, 16])

@@ -105,8 +105,8 @@ class BlockManager:
         step yields logits to sample from. Takes no references: pass the pages to
         allocate_slots(cached_pages=...) in the same scheduling pass.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or getattr(request, "skip_prefix_cache", False):
+            return [], 0  # (prompt logprobs need every prompt row computed)
         max_pages = (request.num_tokens - 1) // self.page_size
         pages = []
         for page_hash in self._hash_pages(request, max_pages)[:max_pages]:

@@ -166,9 +166,8 @@ class LLMEngine:
             _, stop_str = sample.detok.add_token(req.output_token_ids[-1],
                                                  finish_reason=req.finish_reason)
             if stop_str is not None and not req.is_finished:
-                self.scheduler.abort_request(req.request_id)  # frees its pages now
-                req.status = RequestStatus.RUNNING  # then mark it stopped, not aborted
-                req.finish(RequestStatus.FINISHED_STOPPED, stop_reason=stop_str)
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
+                                              stop_reason=stop_str)  # frees its pages now
             touched[state.request_id] = state
         return [self._output(state) for state in touched.values()]
 
