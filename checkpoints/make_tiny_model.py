@@ -45,6 +45,9 @@ VARIANTS = {
                                            sliding_window=16)),
     "qwen2": ("Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)),
+    "llama-h8-kv4": ("LlamaForCausalLM", dict(num_attention_heads=8, num_key_value_heads=4)),
+    "llama-h12-kv3": ("LlamaForCausalLM", dict(num_attention_heads=12, num_key_value_heads=3,
+                                               hidden_size=96, head_dim=16)),
     "qwen3": ("Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                        tie_word_embeddings=False)),
 }

@@ -38,12 +38,18 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None) -> LLME
     from jaxserve.runner.runner import ModelRunner
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if config.tensor_parallel_size > 1 or config.sharding_config:
-        from jaxserve.config import ConfigError
-        raise ConfigError("--tensor-parallel-size > 1 and --sharding-config are not wired into "
-                          "the engine yet; run with one device")
     dtype = None if config.dtype in (None, "auto") else config.dtype
-    loaded = load_model(config.model, dtype=dtype)
+    from jaxserve.loading.orbax import is_orbax_checkpoint, load_orbax_model
+    if is_orbax_checkpoint(config.model):
+        from jaxserve.parallel import ShardingPlan
+
+        # restore each device's shards straight from the checkpoint, in the mesh's layout
+        def shardings(cfg):
+            plan = ShardingPlan.build(cfg, config.tensor_parallel_size, config.sharding_config)
+            return plan.param_shardings()
+        loaded = load_orbax_model(config.model, dtype, shardings=shardings)
+    else:
+        loaded = load_model(config.model, dtype=dtype)
     cfg = loaded.config
     max_model_len = config.scheduler.max_model_len or min(cfg.max_position_embeddings,
                                                           DEFAULT_MAX_MODEL_LEN)
@@ -53,7 +59,12 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None) -> LLME
     name, attention_fn = resolve_attention(config.attention_backend)
     log(f"model {config.model}: {cfg.architecture}, {cfg.num_layers} layers, {cfg.dtype}, "
         f"attention backend {name}, max_model_len {max_model_len}")
-    runner = ModelRunner(loaded, config, max_model_len, attention_fn, log=log)
+    from jaxserve.config import ConfigError
+    from jaxserve.parallel import ShardingError
+    try:
+        runner = ModelRunner(loaded, config, max_model_len, attention_fn, log=log)
+    except ShardingError as e:  # a mesh that does not fit this model or these devices
+        raise ConfigError(str(e)) from None
     if warmup:
         runner.warmup()
     eos = set(cfg.eos_token_ids)

@@ -55,9 +55,11 @@ def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype) ->
 
 
 def plan_memory(cfg: ModelConfig, cache: CacheConfig, weight_bytes: int, cache_dtype,
-                max_tokens: int, max_seqs: int, device=None) -> MemoryPlan:
+                max_tokens: int, max_seqs: int, device=None, kv_shards: int = 1) -> MemoryPlan:
+    """weight_bytes and the budget are per device; a page split over kv_shards devices (KV
+    heads on the model axis) costs each of them 1/kv_shards of its bytes."""
     device = device or jax.devices()[0]
-    per_page = page_bytes(cfg, cache.page_size, cache_dtype)
+    per_page = page_bytes(cfg, cache.page_size, cache_dtype) // kv_shards
     if cache.num_pages is not None:
         return MemoryPlan(weight_bytes, per_page, cache.num_pages, cache.page_size, "--num-pages")
     if cache.kv_cache_memory_bytes is not None:

@@ -12,16 +12,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig
-from jaxserve.models.batch import KVCache
 from jaxserve.runner import sampling
 from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
 from jaxserve.runner.compile_guard import compile_count
-from jaxserve.runner.memory import plan_memory, tree_bytes
+from jaxserve.parallel import ShardingPlan, lead_call
+from jaxserve.runner.memory import plan_memory
 from jaxserve.runner.step import compiled_step
 
 
@@ -35,16 +34,23 @@ class ModelRunner:
         self.page_size = config.cache.page_size
         self.max_model_len = max_model_len
         self.pages_per_seq = math.ceil(max_model_len / self.page_size)
-        self.params = jax.device_put(loaded.params)
+        self.sharding_plan = ShardingPlan.build(self.cfg, config.tensor_parallel_size,
+                                                config.sharding_config)
+        log(self.sharding_plan.describe())
+        # each device receives only its own slices of the weights, never the whole model
+        self.params = self.sharding_plan.place_params(loaded.params)
         dtype = jax.tree.leaves(self.params)[0].dtype
-        self.plan = plan_memory(self.cfg, config.cache, tree_bytes(loaded.params), dtype,
-                                sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.plan = plan_memory(self.cfg, config.cache,
+                                self.sharding_plan.per_device_bytes(loaded.params), dtype,
+                                sched.max_num_batched_tokens, sched.max_num_seqs,
+                                kv_shards=self.sharding_plan.kv_cache_shards)
         log(self.plan.describe())
         self.num_pages = self.plan.num_pages
-        self.kv_cache = KVCache.zeros(self.cfg.num_layers, self.num_pages, self.cfg.num_kv_heads,
-                                      self.page_size, self.cfg.head_dim, dtype)
+        self.kv_cache = self.sharding_plan.zeros_kv_cache(self.num_pages, self.page_size, dtype)
         self.vocab_size = self.cfg.vocab_size
-        self._step = compiled_step(self.cfg, attention_fn)
+        self._step = compiled_step(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
+                                   self.sharding_plan.step_out_shardings())
+        self.multihost = self.sharding_plan.multi_process
         self._key = jax.random.PRNGKey(config.seed)
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
@@ -109,9 +115,17 @@ class ModelRunner:
         if prompt_targets is not None:
             flat = [tok for per_seq in prompt_targets for tok in per_seq]
             targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
-        self._key, step_key = jax.random.split(self._key)
         self.last_host_seconds = time.perf_counter() - host_start
-        self.kv_cache, out = self._step(self.params, self.kv_cache, batch, md, step_key,
-                                        jnp.asarray(targets), use_penalties=use_pen,
+        if self.multihost:  # every process runs the same step: broadcast process 0's inputs
+            return lead_call(self, "run_packed", batch, md, targets, use_pen, all_logits)
+        return self.run_packed(batch, md, targets, use_pen, all_logits)
+
+    def run_packed(self, batch, md, targets, use_pen: bool, all_logits: bool):
+        """The device part of a step, on host arrays already padded to a bucket."""
+        self._key, step_key = jax.random.split(self._key)
+        sp = self.sharding_plan
+        self.kv_cache, out = self._step(self.params, self.kv_cache, sp.put_batch(batch),
+                                        sp.put_replicated(md), step_key,
+                                        sp.put_replicated(targets), use_penalties=use_pen,
                                         all_logits=all_logits)
         return jax.device_get(out)

@@ -51,9 +51,12 @@ def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, *, forward,
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(cfg: ModelConfig, attention_fn):
-    """One jitted step per (model config, attention function), shared by every engine in the
-    process, so tests and restarts that rebuild an engine reuse compiled executables."""
+def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None):
+    """One jitted step per (model config, attention function, shardings), shared by every
+    engine in the process, so tests and restarts that rebuild an engine reuse compiled
+    executables. Pinning the cache's output sharding keeps donation in place on a mesh."""
     model = build_model(cfg, attention_fn)
     fn = functools.partial(_step, forward=model.forward)
-    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "all_logits"))
+    extra = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "all_logits"),
+                   **extra)
