@@ -41,6 +41,18 @@ def main(argv=None) -> None:
         from checkpoints.default_model import ensure_default_model
         config = dataclasses.replace(config, model=ensure_default_model())
 
+    multi_host = config.num_processes > 1
+    if multi_host:
+        from jaxserve.parallel import initialize_distributed
+        initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+
+    if multi_host and config.process_id != 0:
+        # followers hold their shards and run each step process 0 announces, warm-up included
+        from jaxserve.llm import build_engine
+        from jaxserve.parallel import follower_loop
+        follower_loop(build_engine(engine_config_from(config), warmup=False).runner)
+        return
+
     def engine_factory():
         from jaxserve.engine.async_engine import AsyncEngine
         from jaxserve.llm import build_engine
@@ -49,7 +61,12 @@ def main(argv=None) -> None:
         name = os.path.basename(os.path.normpath(config.model))
         return AsyncEngine(engine, model_name=name)
 
-    run_server(engine_factory, config)
+    try:
+        run_server(engine_factory, config)
+    finally:
+        if multi_host:
+            from jaxserve.parallel import stop_followers
+            stop_followers()
 
 
 if __name__ == "__main__":

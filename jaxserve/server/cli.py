@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Paged-attention kernel variant ('auto' picks per device).")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="Reuse KV pages of shared prefixes.")
+    h = p.add_argument_group("multi-host (jax.distributed)")
+    h.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0; every process of the job passes the same one.")
+    h.add_argument("--num-processes", type=int, default=d.num_processes,
+                   help="Processes in the job (one per host).")
+    h.add_argument("--process-id", type=int, default=d.process_id,
+                   help="This process's index; 0 serves HTTP, the others follow its steps.")
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="Address to bind (0.0.0.0: all interfaces).")
     s.add_argument("--port", type=int, default=d.port, help="Port to bind (0: any free port).")

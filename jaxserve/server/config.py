@@ -61,6 +61,9 @@ class ServerConfig:
     max_request_body_bytes: int = 16 * 1024 * 1024
     sharding_config: str | None = None
     enable_prefix_caching: bool = True
+    coordinator_address: str | None = None  # multi-host: host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
     health_heartbeat_timeout: float = 30.0
     uvicorn_log_level: str = "info"
 
@@ -91,6 +94,12 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             bad("--port", f"must be in [0, 65535], got {self.port}")
         positive("--tensor-parallel-size", self.tensor_parallel_size)
+        positive("--num-processes", self.num_processes)
+        if not 0 <= self.process_id < self.num_processes:
+            bad("--process-id", f"must be in [0, --num-processes={self.num_processes}), "
+                f"got {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            bad("--coordinator-address", "is required when --num-processes > 1")
         positive("--max-model-len", self.max_model_len, allow_none=True)
         positive("--max-num-seqs", self.max_num_seqs, allow_none=True)
         positive("--max-num-batched-tokens", self.max_num_batched_tokens, allow_none=True)
