@@ -45,18 +45,26 @@ class Buckets:
         seqs = geometric_buckets(1, max_num_seqs, factor=4)
         return cls(tuple(tokens), tuple(seqs))
 
+    def token_bucket(self, num_tokens: int) -> int:
+        return self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
+
     def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        t = self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
         s = self.seq_buckets[bisect.bisect_left(self.seq_buckets, num_seqs)]
-        return t, s
+        if num_tokens <= s:
+            # decode-shaped (one token per sequence): T == S lets attention take its decode
+            # path (split-K) and keeps a 1-sequence decode at 1 token row, not 16
+            return s, s
+        return self.token_bucket(num_tokens), s
 
     def all_shapes(self) -> list[tuple[int, int]]:
-        """Every (tokens, seqs) pair `pick` can return: a step has at most as many sequences as
-        tokens, so a seq bucket is needed with token bucket t up to the first one >= t."""
-        shapes = []
+        """Every (tokens, seqs) pair `pick` can return: decode-shaped (s, s), and otherwise, as a
+        step has at most as many sequences as tokens, each token bucket t with the seq buckets
+        up to the first one >= t."""
+        shapes = [(s, s) for s in self.seq_buckets]  # decode-shaped steps
         for t in self.token_buckets:
             for s in self.seq_buckets:
-                shapes.append((t, s))
+                if (t, s) not in shapes:
+                    shapes.append((t, s))
                 if s >= t:
                     break
         return shapes

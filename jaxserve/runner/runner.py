@@ -97,7 +97,7 @@ class ModelRunner:
         all_logits = prompt_targets is not None
         if use_pen or all_logits:
             s = self.buckets.seq_buckets[-1]
-            t, _ = self.buckets.pick(max(num_tokens, s), 1)
+            t = self.buckets.token_bucket(max(num_tokens, s))
         if all_logits:
             t = self.buckets.token_buckets[-1]
         return self._run(seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets)
