@@ -100,10 +100,10 @@ def _ragged_kernel(q_ref, k_ref, v_ref, layer_ref, kv_lens_ref, pages_ref, cu_re
         return tiles.load_kv_block(k_ref, v_ref, pages_ref, layer, seq_c, head, start, hi,
                                    block_kv=block_kv)
 
-    acc, _, l = tiles.attend_kv_range(
+    acc, _, denom = tiles.attend_kv_range(
         q, tiles.expand_rows(q_pos, group), lo, hi, kv_block, block_kv=block_kv,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # rows with no key (padding) stay 0
+    out = acc / jnp.where(denom > 0, denom, 1.0)[:, None]  # rows with no key (padding) stay 0
     out = out.reshape(tokens, group, head_dim).astype(o_ref.dtype)
     mask = jnp.broadcast_to(row_ok[:, None, None], (tokens, group, head_dim))
     plgpu.store(o_ref.at[pl.ds(row0, tokens), head, :, :], out, mask=mask)

@@ -106,13 +106,13 @@ def _splitk_kernel(q_ref, k_ref, v_ref, layer_ref, kv_lens_ref, pages_ref, cu_re
             return tiles.load_kv_block(k_ref, v_ref, pages_ref, layer, seq, head, start, hi,
                                        block_kv=block_kv)
 
-        acc, m, l = tiles.attend_kv_range(
+        acc, m, denom = tiles.attend_kv_range(
             q, tiles.expand_rows(q_pos, group), lo, hi, kv_block, block_kv=block_kv,
             sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
-        has_key = l > 0
-        out = acc / jnp.where(has_key, l, 1.0)[:, None]  # [M, D]
+        has_key = denom > 0
+        out = acc / jnp.where(has_key, denom, 1.0)[:, None]  # [M, D]
         # A split that saw no key for a row gets weight exp(MASK_VALUE - max) == 0 in the merge.
-        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), tiles.MASK_VALUE)
+        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, denom, 1.0)), tiles.MASK_VALUE)
         mask3 = jnp.broadcast_to(row_ok[:, None, None], (tokens, group, head_dim))
         plgpu.store(o_ref.at[split, pl.ds(row0, tokens), head, :, :],
                     out.reshape(tokens, group, head_dim), mask=mask3)

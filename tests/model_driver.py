@@ -6,8 +6,6 @@ so model bugs show without the scheduler or runner in between.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -132,7 +132,8 @@ class SamplingParams:
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
         if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+            bad("repetition_penalty", "repetition_penalty must be greater than zero, got "
+                f"{self.repetition_penalty}.")
         if self.min_tokens < 0:
             bad("min_tokens", f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
