@@ -46,27 +46,10 @@ def _log(msg: str) -> None:
 
 def build_engine_from_model(loaded, settings: EngineSettings, max_model_len: int) -> LLMEngine:
     """An engine over an already-built model (anything with config, params, tokenizer)."""
-    from jaxserve.llm import resolve_attention
-    from jaxserve.runner.runner import ModelRunner
+    from jaxserve.llm import build_engine
 
-    cfg = loaded.config
-    config = settings.engine_config(loaded.source, cfg.dtype, max_model_len)
-    name, attention_fn = resolve_attention(config.attention_backend)
-    _log(f"model {loaded.source}: {cfg.architecture}, {cfg.num_layers} layers, {cfg.dtype}, "
-         f"attention backend {name}, max_model_len {max_model_len}")
-    runner = ModelRunner(loaded, config, max_model_len, attention_fn, log=_log)
-    runner.warmup()
-    eos = set(cfg.eos_token_ids)
-    if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
-        eos.add(loaded.tokenizer.eos_token_id)
-    engine = LLMEngine(runner, loaded.tokenizer, eos_token_ids=eos,
-                       max_num_seqs=settings.max_num_seqs,
-                       max_num_batched_tokens=settings.max_num_batched_tokens,
-                       max_model_len=max_model_len, page_size=settings.page_size,
-                       enable_prefix_caching=settings.enable_prefix_caching,
-                       vocab_size=cfg.vocab_size, seed=settings.seed)
-    engine.model_config = cfg
-    return engine
+    config = settings.engine_config(loaded.source, loaded.config.dtype, max_model_len)
+    return build_engine(config, loaded=loaded, log=_log)
 
 
 def build_engine_from_path(path: str, settings: EngineSettings, dtype: str | None,

@@ -33,14 +33,18 @@ def resolve_attention(name: str | None):
     return name, fn
 
 
-def build_engine(config: EngineConfig, *, warmup: bool = True, log=None) -> LLMEngine:
+def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=None) -> LLMEngine:
+    """Load config.model (unless `loaded` is given: any object with config, params, tokenizer,
+    source, e.g. random weights made on device), plan memory, compile, and build the engine."""
     from jaxserve.loading import load_model
     from jaxserve.runner.runner import ModelRunner
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = None if config.dtype in (None, "auto") else config.dtype
     from jaxserve.loading.orbax import is_orbax_checkpoint, load_orbax_model
-    if is_orbax_checkpoint(config.model):
+    if loaded is not None:
+        pass
+    elif is_orbax_checkpoint(config.model):
         from jaxserve.parallel import ShardingPlan
 
         # restore each device's shards straight from the checkpoint, in the mesh's layout
