@@ -80,20 +80,21 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         self._commands.put(("add", request_id, prompt_token_ids, params, loop, accepted))
+        finished = False
         try:
             await accepted  # raises the engine's validation error, if any
-            while True:
+            while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 if prompt is not None:
                     item.prompt = prompt
+                finished = item.finished
                 yield item
-                if item.finished:
-                    return
         finally:
-            if self._streams.pop(request_id, None) is not None:
-                self._commands.put(("abort", request_id))  # cancelled or disconnected
+            self._streams.pop(request_id, None)
+            if not finished:  # cancelled, disconnected or failed: free its pages
+                self._commands.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
