@@ -271,15 +271,11 @@ class SSEStream:
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})  # nginx: do not buffer the stream
-        pump = asyncio.ensure_future(self._pump(send))
-        watch = asyncio.ensure_future(wait_disconnect(receive))
         try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await until_disconnect(self._pump(send), receive)
+        except ClientDisconnected:
+            pass  # the producer was cancelled; its cleanup aborted the request
         finally:
-            for t in (pump, watch):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
             if self._on_close is not None:
                 self._on_close()
 
