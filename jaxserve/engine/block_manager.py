@@ -119,13 +119,16 @@ class BlockManager:
     def cache_full_pages(self, request: Request) -> None:
         """Hash the request's pages that became full of computed tokens, making them reusable.
 
-        Call after the step that computed them. A page whose tokens are already cached in
-        another page (two identical prompts prefilled in the same step) stays unhashed and goes
-        back to the free list when released; the first copy serves later hits.
+        Call once the step that computes them is scheduled (it may still run: only later steps
+        can read the page, and the device runs steps in order). Only tokens known on the host
+        count, not those sampled in flight, whose ids the hash needs. A page whose tokens are
+        already cached in another page (two identical prompts prefilled in the same step) stays
+        unhashed and goes back to the free list when released; the first copy serves later hits.
         """
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.page_size, len(request.page_ids))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

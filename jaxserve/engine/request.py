@@ -76,6 +76,10 @@ class Request:
     # Prompt tokens found in the prefix cache at first admission (OpenAI usage "cached_tokens").
     num_cached_tokens: int = dataclasses.field(default=0, init=False)
     num_preemptions: int = dataclasses.field(default=0, init=False)
+    # Tokens sampled by steps still running on the device, not yet known here (async
+    # scheduling). The scheduler already counts them as tokens: the next step feeds the newest
+    # one straight from the device. They sit after all_token_ids, in order.
+    num_output_placeholders: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -96,6 +100,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self._all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Known tokens plus those sampled in flight: what num_computed_tokens catches up with."""
+        return len(self._all_token_ids) + self.num_output_placeholders
+
+    @property
+    def num_output_tokens_with_placeholders(self) -> int:
+        return len(self.output_token_ids) + self.num_output_placeholders
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -152,4 +165,5 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "
                 f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens}, "
-                f"computed={self.num_computed_tokens}, pages={len(self.page_ids)})")
+                f"computed={self.num_computed_tokens}, in_flight={self.num_output_placeholders}, "
+                f"pages={len(self.page_ids)})")

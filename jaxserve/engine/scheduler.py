@@ -2,7 +2,10 @@
 
 Each step the engine calls schedule(), hands the SchedulerOutput to the runner (which packs it
 into padded arrays and runs the model), then calls update_from_output() with the sampled ids.
-The two calls alternate strictly: step N's update comes before step N+1's schedule.
+schedule() already counts the step as done (num_computed_tokens advances, and each sampled
+token becomes a placeholder), so with async scheduling the engine may schedule step N+1 while
+step N still runs: N+1 feeds N's sampled token from the device (PLACEHOLDER in token_ids) and
+page hashing and stop checks wait for update_from_output(N). Updates come in schedule order.
 
 One mechanism covers every case (vLLM v1): a request needs `num_tokens - num_computed_tokens`
 new tokens. A decode needs 1; a fresh prompt needs all of it, minus what the prefix cache
@@ -22,19 +25,24 @@ of every request that arrived after it. If that is the request itself, it waits.
 running request can always grow, because add_request rejects any request whose largest K/V
 footprint exceeds the whole pool: so the scheduler never fails and never deadlocks.
 
-Aborts free pages immediately. That is safe while a step is in flight: shared pages are never
-written (see block_manager), and device steps run in order, so a page reused next step is
-written only after the in-flight step is done with it. update_from_output skips requests that
-finished meanwhile.
+Aborts free pages immediately. That is safe while steps are in flight: shared pages are never
+written by a new owner (see block_manager), and device steps run in order, so a page reused by a
+later step is written only after the in-flight steps are done with it; a page hashed while its
+last K/V is still being written is read only by later steps too. update_from_output skips
+requests that finished, or were preempted, after the step was scheduled: their in-flight token
+is dropped (a preempted request samples it again when it catches up).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.request import Request, RequestStatus
+
+PLACEHOLDER = -1  # in ScheduledSequence.token_ids: the token an in-flight step is sampling
 
 
 class RequestRejectedError(ValueError):
@@ -52,9 +60,13 @@ class ScheduledSequence:
     request: Request
     num_new_tokens: int
     start_pos: int  # = request.num_computed_tokens before the step
-    token_ids: list[int]  # len num_new_tokens
+    token_ids: list[int]  # len num_new_tokens; PLACEHOLDER where the previous step samples it
     page_ids: list[int]  # the request's page table, covering positions [0, end_pos)
-    sample: bool  # the chunk reaches the last known token: the step samples one for it
+    sample: bool  # the chunk reaches the last token: the step samples one for it
+    num_preemptions: int = 0  # the request's count when scheduled: a later one voids the step
+    # Tokens this request generated before this step's sample (known plus in flight): a seeded
+    # sampler draws with this index.
+    output_index: int = 0
 
     @property
     def request_id(self) -> str:
@@ -110,6 +122,7 @@ class Scheduler:
         self._arrival: dict[str, int] = {}
         self._next_arrival = 0
         self._finished_ids: list[str] = []
+        self._in_flight: collections.deque[SchedulerOutput] = collections.deque()
 
         self.num_preemptions = 0  # total over the scheduler's life (Prometheus counter)
 
@@ -193,6 +206,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # its in-flight token is dropped, sampled again later
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -208,7 +222,9 @@ class Scheduler:
 
         decodes, prefills = [], []
         for request in self.running:
-            remaining = request.num_tokens - request.num_computed_tokens
+            if self._ends_in_flight(request):
+                continue  # its last token is being sampled: nothing more to compute
+            remaining = request.num_tokens_with_placeholders - request.num_computed_tokens
             if remaining == 1:
                 decodes.append((request, remaining))
             elif remaining > 1:
@@ -251,51 +267,76 @@ class Scheduler:
                 budget -= num_new
 
         # Built last: a preemption above may have dropped a sequence chosen earlier.
-        scheduled = []
-        for request_id, num_new in chosen.items():
-            request = self.requests[request_id]
-            start = request.num_computed_tokens
-            scheduled.append(ScheduledSequence(
-                request=request, num_new_tokens=num_new, start_pos=start,
-                token_ids=request.all_token_ids[start:start + num_new],
-                page_ids=list(request.page_ids),
-                sample=start + num_new == request.num_tokens))
+        scheduled = [self._commit(self.requests[request_id], num_new)
+                     for request_id, num_new in chosen.items()]
         finished_ids, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(
+        out = SchedulerOutput(
             scheduled=scheduled,
             num_scheduled_tokens=self.max_num_batched_tokens - budget,
             preempted_ids=preempted,
             finished_ids=finished_ids)
+        if scheduled:
+            self._in_flight.append(out)
+        return out
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """A token in flight will reach max_tokens or max_model_len: the request ends with it."""
+        if not request.num_output_placeholders:
+            return False
+        max_tokens = request.max_tokens
+        return ((max_tokens is not None
+                 and request.num_output_tokens_with_placeholders >= max_tokens)
+                or request.num_tokens_with_placeholders >= self.max_model_len)
+
+    def _commit(self, request: Request, num_new: int) -> ScheduledSequence:
+        """Count the step as done for `request`: its K/V is being computed from now on."""
+        start = request.num_computed_tokens
+        known = request.all_token_ids[start:start + num_new]
+        sample = start + num_new == request.num_tokens_with_placeholders
+        seq = ScheduledSequence(
+            request=request, num_new_tokens=num_new, start_pos=start,
+            token_ids=known + [PLACEHOLDER] * (num_new - len(known)),
+            page_ids=list(request.page_ids), sample=sample,
+            num_preemptions=request.num_preemptions,
+            output_index=request.num_output_tokens_with_placeholders)
+        request.num_computed_tokens = start + num_new
+        if sample:
+            request.num_output_placeholders += 1
+        return seq
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests by the step's results.
+        """Apply a step's sampled tokens; steps come in the order schedule() made them.
 
         Returns the requests that got a new token, in batch order; those that finished have
         their finish_reason set and their pages already released (full pages stay cached).
         """
-        pool = self.block_manager
+        if not scheduler_output.scheduled:
+            return []
+        if not self._in_flight or self._in_flight[0] is not scheduler_output:
+            raise RuntimeError("update_from_output must take each scheduled step once, in the "
+                               "order schedule() made them")
+        live = [s for s in scheduler_output.scheduled
+                if s.request.status == RequestStatus.RUNNING
+                and s.request.num_preemptions == s.num_preemptions]
         # Checked before anything changes, so a bad call leaves the scheduler as it was.
-        missing = [s.request_id for s in scheduler_output.scheduled
-                   if s.sample and s.request.status == RequestStatus.RUNNING
-                   and s.request_id not in sampled_token_ids]
+        missing = [s.request_id for s in live
+                   if s.sample and s.request_id not in sampled_token_ids]
         if missing:
             raise KeyError(f"no sampled token for {missing}, whose chunks reached the end of "
                            "their tokens")
+        self._in_flight.popleft()
+        pool = self.block_manager
         updated = []
-        for seq in scheduler_output.scheduled:
+        for seq in live:
             request = seq.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            if request.num_computed_tokens != seq.start_pos:
-                raise RuntimeError(f"request {request.request_id} was updated twice for one step "
-                                   "(schedule and update_from_output must alternate)")
-            request.num_computed_tokens += seq.num_new_tokens
-            pool.cache_full_pages(request)
             if not seq.sample:
+                pool.cache_full_pages(request)
                 continue
+            request.num_output_placeholders -= 1
             finished = request.append_output_token(sampled_token_ids[request.request_id],
                                                    self.max_model_len)
+            pool.cache_full_pages(request)  # pages whose tokens are all known now
             updated.append(request)
             if finished:
                 self.running.remove(request)
