@@ -30,7 +30,8 @@ def engine_config_from(server_config):
                           gpu_memory_utilization=server_config.gpu_memory_utilization,
                           enable_prefix_caching=server_config.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
-                                  max_model_len=server_config.max_model_len))
+                                  max_model_len=server_config.max_model_len,
+                                  async_scheduling=server_config.async_scheduling))
 
 
 def main(argv=None) -> None:

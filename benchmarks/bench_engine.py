@@ -26,6 +26,7 @@ class EngineSettings:
     num_pages: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True
     attention_backend: str | None = None
     seed: int = 0
 
@@ -37,7 +38,8 @@ class EngineSettings:
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
-                                      max_model_len=max_model_len))
+                                      max_model_len=max_model_len,
+                                      async_scheduling=self.async_scheduling))
 
 
 def _log(msg: str) -> None:
@@ -63,9 +65,12 @@ class StepRecord:
     num_tokens: int            # real (unpadded) tokens in the step
     num_seqs: int
     kv_lens: list[int]         # context of each sequence after the step
-    execute_s: float           # runner.execute: pack + device + copy back (blocking)
     pack_s: float              # runner.last_host_seconds: batch packing on the host
-    step_s: float = 0.0        # LLMEngine.step: the above + scheduling + detokenizing
+    dispatched_at: float       # perf_counter when the runner queued it
+    # From when the device could start it (dispatched, and the step before it back on the
+    # host) until its results were on the host: its device time when the host keeps up.
+    execute_s: float = 0.0
+    wait_s: float = 0.0        # runner.fetch blocked on the device for it
 
     @property
     def is_decode(self) -> bool:
@@ -73,24 +78,38 @@ class StepRecord:
 
 
 class StepRecorder:
-    """Wraps engine.runner.execute (an instance attribute, the runner's code is untouched) to
-    record what each step computed and how long it took."""
+    """Wraps engine.runner.dispatch / fetch (instance attributes, the runner's code is
+    untouched) to record what each step computed and how long it took."""
 
     def __init__(self, engine: LLMEngine):
         self.runner = engine.runner
         self.records: list[StepRecord] = []
-        inner = self.runner.execute
+        self.total_wait_s = 0.0
+        self._open: dict[int, StepRecord] = {}
+        self._last_done = 0.0
+        inner_dispatch, inner_fetch = self.runner.dispatch, self.runner.fetch
 
-        def execute(seqs, sampling_inputs, **kw):
-            start = time.perf_counter()
-            out = inner(seqs, sampling_inputs, **kw)
-            self.records.append(StepRecord(
+        def dispatch(seqs, sampling_inputs, **kw):
+            pending = inner_dispatch(seqs, sampling_inputs, **kw)
+            record = StepRecord(
                 num_tokens=sum(len(s.token_ids) for s in seqs), num_seqs=len(seqs),
                 kv_lens=[s.start_pos + len(s.token_ids) for s in seqs],
-                execute_s=time.perf_counter() - start, pack_s=self.runner.last_host_seconds))
+                pack_s=self.runner.last_host_seconds, dispatched_at=time.perf_counter())
+            self.records.append(record)
+            self._open[id(pending)] = record
+            return pending
+
+        def fetch(pending):
+            record = self._open.pop(id(pending))
+            out = inner_fetch(pending)
+            done = time.perf_counter()
+            record.wait_s = self.runner.last_wait_seconds
+            record.execute_s = done - max(record.dispatched_at, self._last_done)
+            self._last_done = done
+            self.total_wait_s += record.wait_s
             return out
 
-        self.runner.execute = execute
+        self.runner.dispatch, self.runner.fetch = dispatch, fetch
 
 
 def peak_device_memory() -> int | None:
@@ -114,6 +133,9 @@ def run_offline(engine: LLMEngine, workload, tag: str) -> dict:
     recorder = getattr(engine, "_bench_recorder", None) or StepRecorder(engine)
     engine._bench_recorder = recorder
     recorder.records = []
+    # every run starts cold: a repeated workload must not become prefix-cache hits
+    engine.block_manager.reset_prefix_cache()
+    overlapped_before, steps_before = engine.num_overlapped_steps, engine.num_steps
     compiles_before = compile_count()
     start = time.perf_counter()
     ids = []
@@ -123,14 +145,15 @@ def run_offline(engine: LLMEngine, workload, tag: str) -> dict:
                                                        ignore_eos=True))
         ids.append(rid)
     finished = {}
+    step_walls, host_s = [], []
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
-        before = len(recorder.records)
+        wait_before = recorder.total_wait_s
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out.outputs[0].token_ids
-        if len(recorder.records) > before:
-            recorder.records[-1].step_s = time.perf_counter() - t0
+        step_walls.append(time.perf_counter() - t0)
+        host_s.append(step_walls[-1] - (recorder.total_wait_s - wait_before))
     elapsed = time.perf_counter() - start
     token_ids = [finished[r] for r in ids]
     short = [i for i, (t, n) in enumerate(zip(token_ids, workload.output_lens)) if len(t) != n]
@@ -139,18 +162,21 @@ def run_offline(engine: LLMEngine, workload, tag: str) -> dict:
                            f"(first: request {short[0]}); ignore_eos is not honoured")
     recs = recorder.records
     n_out, n_in = sum(workload.output_lens), sum(workload.input_lens)
-    engine_host = [r.step_s - r.execute_s + r.pack_s for r in recs]
     return {
         "engine": "jaxserve", "elapsed_s": elapsed,
         "requests_per_s": len(ids) / elapsed, "output_tokens_per_s": n_out / elapsed,
         "total_tokens_per_s": (n_in + n_out) / elapsed,
         "steps": len(recs), "decode_steps": sum(r.is_decode for r in recs),
-        "mean_step_ms": 1e3 * sum(r.step_s for r in recs) / max(1, len(recs)),
-        # host time per step: batch packing plus everything LLMEngine.step does around the
-        # device call (scheduling, bookkeeping, detokenizing); the device cannot overlap it
-        # today because execute blocks on the sampled tokens
-        "mean_host_ms_per_step": 1e3 * sum(engine_host) / max(1, len(recs)),
+        "mean_step_ms": 1e3 * sum(step_walls) / max(1, len(step_walls)),
+        # host time per LLMEngine.step: scheduling, packing, dispatch, bookkeeping and
+        # detokenizing, i.e. the step's wall time minus its wait for the device. With async
+        # scheduling the device runs the next step meanwhile, so this is hidden while it is
+        # shorter than a device step.
+        "mean_host_ms_per_step": 1e3 * sum(host_s) / max(1, len(host_s)),
         "mean_pack_ms_per_step": 1e3 * sum(r.pack_s for r in recs) / max(1, len(recs)),
+        "async_scheduling": engine.async_scheduling,
+        "overlapped_steps": engine.num_overlapped_steps - overlapped_before,
+        "dispatched_steps": engine.num_steps - steps_before,
         "compiles_during_run": compile_count() - compiles_before,
         "compiles_since_warmup": engine.runner.compiles_since_warmup(),
         "peak_device_memory_bytes": peak_device_memory(),

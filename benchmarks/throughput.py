@@ -9,6 +9,9 @@ so the run also checks that nothing compiles after warm-up.
     python benchmarks/throughput.py --model default --workload 128/32 --num-prompts 8 \\
         --compare-transformers                                               # SmolLM2 on CPU
     python benchmarks/throughput.py --smoke --compare-transformers           # CI, seconds
+
+--scheduling both runs each workload with async scheduling (the default: step N+1 prepared and
+dispatched while step N runs) and then without, on the same engine, and reports the ratio.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
+                   help="async: prepare step N+1 while step N runs (default); sync: one step at "
+                   "a time; both: each workload both ways, side by side")
     p.add_argument("--compare-transformers", action="store_true",
                    help="also run transformers generate on the same model and prompts")
     p.add_argument("--hf-batch-size", type=int, default=None,
@@ -145,6 +151,22 @@ def roofline_figures(cfg, result: dict, workload, max_num_seqs: int, rates) -> d
     }
 
 
+def compare_sync(engine, workload, async_result: dict) -> dict:
+    """The same workload again with one step at a time; figures and the ratio."""
+    engine.async_scheduling = False
+    try:
+        sync = run_offline(engine, workload, f"{workload.name}-sync")
+    finally:
+        engine.async_scheduling = True
+    same = sum(a == b for a, b in zip(async_result["token_ids"], sync["token_ids"]))
+    keep = ("elapsed_s", "output_tokens_per_s", "mean_step_ms", "mean_host_ms_per_step", "steps",
+            "compiles_during_run")
+    return {"sync_scheduling": {k: sync[k] for k in keep},
+            "async_speedup": async_result["output_tokens_per_s"] / sync["output_tokens_per_s"],
+            # batches differ by a step here and there, so padding may flip a late near-tie
+            "async_sync_identical": same / max(1, len(sync["token_ids"]))}
+
+
 def print_case(name: str, r: dict, hf: dict | None) -> None:
     mem = r["peak_device_memory_bytes"]
     mem_s = f"{mem / 2**30:.2f} GiB" if mem is not None else "n/a (CPU)"
@@ -160,6 +182,12 @@ def print_case(name: str, r: dict, hf: dict | None) -> None:
     print(f"  steps {r['steps']} ({r['decode_steps']} decode), mean {r['mean_step_ms']:.2f} ms, "
           f"host {r['mean_host_ms_per_step']:.2f} ms/step; compiles after warm-up "
           f"{r['compiles_since_warmup']}; peak device memory {mem_s}")
+    if "sync_scheduling" in r:
+        sy = r["sync_scheduling"]
+        print(f"  sync sched.   {sy['output_tokens_per_s']:10.1f} out tok/s, mean step "
+              f"{sy['mean_step_ms']:.2f} ms, host {sy['mean_host_ms_per_step']:.2f} ms/step: "
+              f"async is {r['async_speedup']:.2f}x; identical tokens in "
+              f"{100 * r['async_sync_identical']:.0f}% of requests")
     if hf:
         print(f"  transformers  {hf['requests_per_s']:9.2f} req/s {hf['output_tokens_per_s']:10.1f}"
               f" out tok/s {hf['total_tokens_per_s']:10.1f} total tok/s  ({hf['elapsed_s']:.2f} s,"
@@ -196,8 +224,11 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(args.torch_threads)
     results = []
+    engine.async_scheduling = args.scheduling != "sync"
     for w in workloads:
         r = run_offline(engine, w, f"{w.name}")
+        if args.scheduling == "both":
+            r.update(compare_sync(engine, w, r))
         r.update(roofline_figures(cfg, r, w, args.max_num_seqs, rates))
         r.update(workload=w.name, num_prompts=len(w.prompts), input_tokens=sum(w.input_lens),
                  output_tokens=sum(w.output_lens))
@@ -212,7 +243,8 @@ def main(argv=None) -> int:
         print_case(w.name, r, hf)
         results.append(r)
 
-    bad = [r["workload"] for r in results if r["compiles_during_run"]]
+    bad = [r["workload"] for r in results if r["compiles_during_run"]
+           or r.get("sync_scheduling", {}).get("compiles_during_run")]
     if engine.runner.compiles_since_warmup() and not bad:
         bad = ["the untimed warm-up run"]
     dev = jax.devices()[0]

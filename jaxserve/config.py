@@ -35,6 +35,8 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped)
+    # schedule and dispatch step N+1 while step N runs on the device (engine.py)
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

@@ -80,7 +80,8 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
                        max_num_batched_tokens=sched.max_num_batched_tokens,
                        max_model_len=max_model_len, page_size=config.cache.page_size,
                        enable_prefix_caching=config.cache.enable_prefix_caching,
-                       vocab_size=cfg.vocab_size, seed=config.seed)
+                       vocab_size=cfg.vocab_size, seed=config.seed,
+                       async_scheduling=sched.async_scheduling)
     engine.model_config = cfg
     return engine
 
@@ -92,7 +93,8 @@ class LLM:
                  num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, tensor_parallel_size: int = 1,
-                 sharding_config: str | None = None, warmup: bool = True):
+                 sharding_config: str | None = None, async_scheduling: bool = True,
+                 warmup: bool = True):
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()
@@ -105,7 +107,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
-                                      max_model_len=max_model_len))
+                                      max_model_len=max_model_len,
+                                      async_scheduling=async_scheduling))
         self.engine = build_engine(self.config, warmup=warmup)
         self._ids = itertools.count()
 

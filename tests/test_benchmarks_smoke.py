@@ -110,8 +110,8 @@ def test_random_weights_are_made_on_the_device_and_fit_the_runner():
 
 def test_throughput_smoke_with_transformers(tmp_path):
     out = tmp_path / "throughput.json"
-    _run("throughput.py", "--smoke", "--compare-transformers", "--workload", "128/128",
-         "1000/1000", "sharegpt", "--json", str(out), timeout=240)
+    _run("throughput.py", "--smoke", "--compare-transformers", "--scheduling", "both",
+         "--workload", "128/128", "1000/1000", "sharegpt", "--json", str(out), timeout=240)
     data = json.loads(out.read_text())
     assert [r["workload"] for r in data["results"]] == ["128/128", "1000/1000", "sharegpt"]
     for r in data["results"]:
@@ -122,6 +122,8 @@ def test_throughput_smoke_with_transformers(tmp_path):
         # same weights, same prompts, greedy: transformers must produce the same tokens
         assert r["greedy_agreement"] == 1.0
         assert r["speedup_vs_transformers"] > 0
+        assert r["async_scheduling"] and r["overlapped_steps"] > 0
+        assert r["async_speedup"] > 0 and r["async_sync_identical"] == 1.0
     assert data["results"][1]["input_tokens"] == 4 * round(1000 / 32)
 
 

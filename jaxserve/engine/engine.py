@@ -1,5 +1,13 @@
 """LLMEngine: add_request / abort_request / step. The loop fits on one screen:
-schedule -> runner.execute -> scheduler.update_from_output -> detokenize, stop strings, outputs.
+schedule -> runner.dispatch -> runner.fetch -> scheduler.update_from_output -> detokenize, stop
+strings, outputs.
+
+Async scheduling (on by default): one step is kept in flight. step() schedules and dispatches
+step N+1 first, then waits for step N and processes its tokens, so the host's scheduling,
+packing, detokenizing and output building run while the device computes. Step N+1 reads the
+tokens step N sampled straight from the device. The price is at most one wasted row for a
+request that step N ends (EOS, stop string), dropped on arrival. Steps with penalty requests
+in the system run synchronously: penalties need every output token on the host.
 
 Host-side only: the runner (device side) is handed in, so this module never imports jax.
 A request with n > 1 becomes n child sequences in the scheduler (ids "<id>#<i>"); they share the
@@ -17,7 +25,8 @@ from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.engine.outputs import CompletionOutput, RequestOutput
 from jaxserve.engine.request import Request, RequestStatus
 from jaxserve.engine.sampling_params import SamplingParams
-from jaxserve.engine.scheduler import RequestRejectedError, Scheduler
+from jaxserve.engine.scheduler import (PLACEHOLDER, RequestRejectedError, Scheduler,
+                                       SchedulerOutput)
 
 
 @dataclasses.dataclass
@@ -41,10 +50,28 @@ class _RequestState:
     first_scheduled_time: float | None = None
 
 
+@dataclasses.dataclass
+class _DeviceStep:
+    """A step dispatched to the device whose results the host has not processed yet."""
+    sched: SchedulerOutput
+    pending: object  # the runner's pending StepOutput
+    slot_of: dict[str, int]  # request id -> its sequence slot in the step
+    wants_prompt_logprobs: bool
+
+
+@dataclasses.dataclass
+class _FedSequence:
+    """A scheduled sequence as the runner sees it, with in-flight tokens as device refs."""
+    token_ids: list[int]  # -(slot + 1): the token the previous step sampled for that slot
+    start_pos: int
+    page_ids: list[int]
+
+
 class LLMEngine:
     def __init__(self, runner, tokenizer, *, eos_token_ids, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, page_size: int,
-                 enable_prefix_caching: bool = True, vocab_size: int, seed: int = 0):
+                 enable_prefix_caching: bool = True, vocab_size: int, seed: int = 0,
+                 async_scheduling: bool = True):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -56,6 +83,10 @@ class LLMEngine:
         self._states: dict[str, _RequestState] = {}
         self._parent_of: dict[str, tuple[str, int]] = {}  # child id -> (request id, index)
         self._rng = random.Random(seed)
+        self.async_scheduling = async_scheduling
+        self._in_flight: _DeviceStep | None = None
+        self.num_steps = 0
+        self.num_overlapped_steps = 0  # dispatched while the previous step still ran
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -131,37 +162,67 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return outputs of requests that progressed (or finished)."""
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
+        """Process one step's results; return outputs of requests that progressed (or finished).
+
+        With async scheduling the next step is already on the device when this returns."""
+        current = self._in_flight or self._dispatch(self.scheduler.schedule(), previous=None)
+        self._in_flight = None
+        if current is None:
             return []
+        if self.async_scheduling and not self._needs_sync():
+            self._in_flight = self._dispatch(self.scheduler.schedule(), previous=current)
+            self.num_overlapped_steps += self._in_flight is not None
+        return self._process(current)
+
+    def _needs_sync(self) -> bool:
+        return any(s.params.uses_penalties for s in self._states.values())
+
+    def _dispatch(self, sched: SchedulerOutput, previous: _DeviceStep | None) -> _DeviceStep | None:
+        if sched.is_empty:
+            return None
         now = time.monotonic()
-        reqs = []
-        want_prompt_logprobs = False
+        seqs, sampling_inputs = [], []
+        wants_prompt_logprobs = False
         for s in sched.scheduled:
-            reqs.append(s.request)
-            state = self._state_of(s.request)
+            req = s.request
+            state = self._state_of(req)
             if state is not None and state.first_scheduled_time is None:
                 state.first_scheduled_time = now
             if state is not None and state.prompt_logprobs is not None and s.is_prefill:
-                want_prompt_logprobs = True
+                wants_prompt_logprobs = True
+            if PLACEHOLDER in s.token_ids:  # sampled by `previous`, still on the device
+                ref = -(previous.slot_of[s.request_id] + 1)
+                seqs.append(_FedSequence([ref if t == PLACEHOLDER else t for t in s.token_ids],
+                                         s.start_pos, s.page_ids))
+            else:
+                seqs.append(s)
+            sampling_inputs.append((req.sampling_params, req.prompt_token_ids,
+                                    req.output_token_ids, req.eos_token_ids,
+                                    getattr(req, "sampling_salt", None),
+                                    s.output_index - req.num_output_tokens))
         prompt_targets = None
-        if want_prompt_logprobs:
+        if wants_prompt_logprobs:
             prompt_targets = [self._next_tokens(s) for s in sched.scheduled]
-        out = self.runner.execute(sched.scheduled, reqs, prompt_targets=prompt_targets)
-        if want_prompt_logprobs:
-            self._record_prompt_logprobs(sched.scheduled, out)
-        sampled = {}
-        for i, s in enumerate(sched.scheduled):
-            if s.sample:
-                sampled[s.request_id] = int(out.token_ids[i])
-                self._record_logprobs(s.request, out, i)
-        updated = self.scheduler.update_from_output(sched, sampled)
+        pending = self.runner.dispatch(seqs, sampling_inputs, prompt_targets=prompt_targets)
+        self.num_steps += 1
+        slot_of = {s.request_id: i for i, s in enumerate(sched.scheduled)}
+        return _DeviceStep(sched, pending, slot_of, wants_prompt_logprobs)
+
+    def _process(self, step: _DeviceStep) -> list[RequestOutput]:
+        """Wait for a dispatched step and apply its tokens."""
+        out = self.runner.fetch(step.pending)
+        if step.wants_prompt_logprobs:
+            self._record_prompt_logprobs(step.sched.scheduled, out)
+        sampled = {s.request_id: int(out.token_ids[i])
+                   for i, s in enumerate(step.sched.scheduled) if s.sample}
+        # requests that finished or were preempted since the step was scheduled are left out
+        updated = self.scheduler.update_from_output(step.sched, sampled)
         touched = {}
         for req in updated:
             state = self._state_of(req)
             if state is None:
                 continue
+            self._record_logprobs(req, out, step.slot_of[req.request_id])
             sample = state.samples[self._index_of(req)]
             _, stop_str = sample.detok.add_token(req.output_token_ids[-1],
                                                  finish_reason=req.finish_reason)

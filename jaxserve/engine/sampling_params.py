@@ -173,6 +173,12 @@ class SamplingParams:
                     bad("logit_bias", f"logit_bias values must be in [-100, 100], got {value} "
                         f"for token {tid}.")
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Penalties read the whole output so far, so their steps wait for every token."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
     def verify_token_ids(self, vocab_size: int) -> None:
         """Check the token ids this request names against the model's vocabulary; the engine
         calls it once at admission, where the vocabulary size is known."""

@@ -71,9 +71,9 @@ class ShardingPlan:
         return NamedSharding(self.mesh, P())
 
     def step_out_shardings(self):
-        """out_shardings for step(...) -> (kv_cache, StepOutput): the cache keeps its layout,
-        the (small) step output is replicated so any process can read it."""
-        return (self.kv_cache_sharding(), self.replicated())
+        """out_shardings for step(...) -> (kv_cache, StepOutput, sampled): the cache keeps its
+        layout, the (small) step outputs are replicated so any process can read them."""
+        return (self.kv_cache_sharding(), self.replicated(), self.replicated())
 
     # -- placement --------------------------------------------------------------------------
     def place_params(self, host_params):

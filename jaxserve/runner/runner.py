@@ -3,6 +3,11 @@
 The engine hands it SeqInputs (what to compute) and per-sequence sampling inputs; it pads them to
 a compiled bucket, runs the jitted step with the cache donated (updated in place) and returns
 host arrays. Every bucket and variant is compiled in `warmup`, so serving never compiles.
+
+`dispatch` returns as soon as the step is queued on the device (jax dispatches asynchronously)
+and `fetch` waits for its results, so the engine can prepare and queue step N+1 while step N
+runs. Steps run on the device in dispatch order; a token id -(i + 1) in a SeqInput reads what
+the previously dispatched step sampled for slot i (see step.py).
 """
 
 from __future__ import annotations
@@ -52,9 +57,13 @@ class ModelRunner:
                                    self.sharding_plan.step_out_shardings())
         self.multihost = self.sharding_plan.multi_process
         self._key = jax.random.PRNGKey(config.seed)
+        # i32[S_max]: what the last dispatched step sampled per slot, kept on the device
+        self._sampled = self.sharding_plan.put_replicated(
+            np.zeros(self.buckets.seq_buckets[-1], np.int32))
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
-        self.last_host_seconds = 0.0
+        self.last_host_seconds = 0.0  # packing the last dispatched step
+        self.last_wait_seconds = 0.0  # the last fetch, blocked on the device
 
     # -- warm-up ---------------------------------------------------------------------------
     def _variants(self):
@@ -89,8 +98,21 @@ class ModelRunner:
     # -- one step --------------------------------------------------------------------------
     def execute(self, seqs: list[SeqInput], sampling_inputs: list, *,
                 prompt_targets: list[list[int]] | None = None):
-        """Run one step. prompt_targets (per seq, the next-token ids of its rows, -1 where
-        unknown) asks for prompt logprobs of every row. Returns StepOutput as numpy."""
+        """Run one step and wait for it: dispatch + fetch. Returns StepOutput as numpy."""
+        return self.fetch(self.dispatch(seqs, sampling_inputs, prompt_targets=prompt_targets))
+
+    def fetch(self, pending):
+        """Wait for a dispatched step's results; StepOutput as numpy."""
+        start = time.perf_counter()
+        out = jax.device_get(pending)
+        self.last_wait_seconds = time.perf_counter() - start
+        return out
+
+    def dispatch(self, seqs: list[SeqInput], sampling_inputs: list, *,
+                 prompt_targets: list[list[int]] | None = None):
+        """Queue one step on the device and return its pending StepOutput (device arrays) for
+        `fetch`. prompt_targets (per seq, the next-token ids of its rows, -1 where unknown) asks
+        for prompt logprobs of every row."""
         num_tokens = sum(len(s.token_ids) for s in seqs)
         t, s = self.buckets.pick(num_tokens, len(seqs))
         use_pen = any(sampling.needs_penalties(x) for x in sampling_inputs)
@@ -124,8 +146,10 @@ class ModelRunner:
         """The device part of a step, on host arrays already padded to a bucket."""
         self._key, step_key = jax.random.split(self._key)
         sp = self.sharding_plan
-        self.kv_cache, out = self._step(self.params, self.kv_cache, sp.put_batch(batch),
-                                        sp.put_replicated(md), step_key,
-                                        sp.put_replicated(targets), use_penalties=use_pen,
-                                        all_logits=all_logits)
-        return jax.device_get(out)
+        self.kv_cache, out, self._sampled = self._step(
+            self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md), step_key,
+            sp.put_replicated(targets), self._sampled, use_penalties=use_pen,
+            all_logits=all_logits)
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()  # lands while the host prepares the next step
+        return out

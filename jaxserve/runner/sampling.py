@@ -81,6 +81,9 @@ class SamplingInput(NamedTuple):
     output_token_ids: Sequence[int]
     eos_token_ids: Sequence[int] | frozenset[int] = ()
     salt: int | None = None
+    # Outputs sampled by steps still in flight (async scheduling), after output_token_ids: they
+    # count toward min_tokens and the seeded draw index; penalty steps need none in flight.
+    num_in_flight: int = 0
 
 
 def _as_input(x: Any) -> SamplingInput:
@@ -102,7 +105,7 @@ def needs_penalties(x: Any) -> bool:
     """Whether a sequence (SamplingParams, tuple or Request-like) uses any token penalty, which
     makes the step take the `use_penalties` variant."""
     p = x if isinstance(x, SamplingParams) else _as_input(x).params
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    return p.uses_penalties
 
 
 def _next_pow2(n: int, lo: int) -> int:
@@ -165,7 +168,7 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
             if items:
                 bias_ids[i, :len(items)] = [t for t, _ in items]
                 bias_values[i, :len(items)] = [b for _, b in items]
-        if len(s.output_token_ids) < p.min_tokens:
+        if len(s.output_token_ids) + s.num_in_flight < p.min_tokens:
             # vLLM forbids every token that could stop the request, EOS included even with
             # ignore_eos, until min_tokens outputs exist.
             ids = sorted(set(int(t) for t in s.eos_token_ids) | set(p.stop_token_ids))
@@ -189,6 +192,9 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
     if use_penalties:
         for i, s in enumerate(seqs):
             if needs_penalties(s):  # rows without penalties need no history
+                if s.num_in_flight:
+                    raise ValueError("penalties need every output token on the host; schedule "
+                                     "penalty steps without tokens in flight")
                 n_p = len(s.prompt_token_ids)
                 history[i, :n_p] = s.prompt_token_ids
                 history[i, n_p:lengths[i]] = s.output_token_ids
@@ -206,7 +212,8 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
         seed_key=seed_key,
         has_seed=column([sd is not None for sd in seeds], np.bool_, False),
         salt=salt,
-        output_index=column([len(s.output_token_ids) for s in seqs], np.int32, 0),
+        output_index=column([len(s.output_token_ids) + s.num_in_flight for s in seqs],
+                            np.int32, 0),
         bias_ids=bias_ids, bias_values=bias_values, forbidden_ids=forbidden,
         penalty_token_ids=history,
         num_prompt_tokens=column([len(s.prompt_token_ids) for s in seqs], np.int32, 0))

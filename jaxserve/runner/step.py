@@ -1,7 +1,14 @@
 """The pure jitted step: forward over the ragged batch, then sample one token per sequence.
 
-step(params, kv_cache, batch, sampling_md, key) -> (kv_cache, StepOutput); the cache is donated.
+step(params, kv_cache, batch, sampling_md, key, prompt_targets, prev_sampled)
+    -> (kv_cache, StepOutput, sampled); the cache is donated.
 Only shapes and three flags are static; everything a request sets is an array.
+
+Async scheduling: the host packs step N+1 before it knows step N's tokens. A row whose token id
+is negative, -(i + 1), takes the token step N sampled for its sequence slot i from
+`prev_sampled` (step N's `sampled`, still on the device), so no round trip to the host sits
+between two steps. `sampled` has a fixed length (the largest sequence bucket) so that feeding
+it back never adds a compiled shape.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ class StepOutput:
     prompt_top_logprobs: jnp.ndarray | None = None   # f32[T, K]
 
 
-def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, *, forward,
+def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, prev_sampled, *, forward,
           use_penalties: bool, all_logits: bool):
+    ids = batch.token_ids  # i32[T]
+    from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]  # prev_sampled: i32[S_max]
+    batch = batch.replace(token_ids=jnp.where(ids < 0, from_device, ids))
     kv_cache, logits = forward(params, kv_cache, batch)  # [N, V]
     prompt = {}
     if all_logits:
@@ -45,9 +55,10 @@ def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, *, forward,
         logits = logits[last_rows]  # [S, V]
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
                           use_penalties=use_penalties)
+    sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
     return kv_cache, StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
                                 top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
-                                **prompt)
+                                **prompt), sampled
 
 
 @functools.lru_cache(maxsize=16)

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Paged-attention kernel variant ('auto' picks per device).")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="Reuse KV pages of shared prefixes.")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=d.async_scheduling, help="Prepare and dispatch the next step while "
+                   "the device runs the current one.")
     h = p.add_argument_group("multi-host (jax.distributed)")
     h.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; every process of the job passes the same one.")

@@ -61,6 +61,7 @@ class ServerConfig:
     max_request_body_bytes: int = 16 * 1024 * 1024
     sharding_config: str | None = None
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True
     coordinator_address: str | None = None  # multi-host: host:port of process 0
     num_processes: int = 1
     process_id: int = 0
