@@ -85,10 +85,18 @@ class ShardingPlan:
                                         m.head_dim, dtype, self.kv_cache_sharding())
 
     def put_batch(self, batch):
-        """A numpy ForwardBatch -> global arrays; token fields split per the `tokens` rule."""
+        """A numpy ForwardBatch -> global arrays; token fields split per the `tokens` rule.
+        On one device the numpy arrays go to jit as they are: its C++ path copies them in a
+        fraction of what device_put costs in Python (~0.1 vs ~1 ms for a step's inputs)."""
+        if self.mesh.size == 1:
+            return batch
         return placement.put_with(batch, rules_lib.batch_shardings(batch, self.mesh, self.rules))
 
     def put_replicated(self, tree):
+        """Small host inputs (sampling metadata, targets) -> replicated arrays (or, on one
+        device, the numpy arrays themselves, as put_batch)."""
+        if self.mesh.size == 1:
+            return tree
         return placement.put_replicated(tree, self.mesh)
 
     def wrap_attention(self, attention_fn):

@@ -24,7 +24,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.runner import sampling
 from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
 from jaxserve.runner.compile_guard import compile_count
-from jaxserve.parallel import ShardingPlan, lead_call
+from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import plan_memory
 from jaxserve.runner.step import compiled_step
 
@@ -56,10 +56,12 @@ class ModelRunner:
         self._step = compiled_step(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
                                    self.sharding_plan.step_out_shardings())
         self.multihost = self.sharding_plan.multi_process
-        self._key = jax.random.PRNGKey(config.seed)
-        # i32[S_max]: what the last dispatched step sampled per slot, kept on the device
-        self._sampled = self.sharding_plan.put_replicated(
-            np.zeros(self.buckets.seq_buckets[-1], np.int32))
+        self._key = self.sharding_plan.put_replicated(jax.random.PRNGKey(config.seed))
+        self._num_steps = 0  # folded into the key on the device, one stream per step
+        # i32[S_max]: what the last dispatched step sampled per slot, kept on the device (put
+        # with the sharding the step gives it back with, so feeding it back never recompiles)
+        self._sampled = placement.put_replicated(
+            np.zeros(self.buckets.seq_buckets[-1], np.int32), self.sharding_plan.mesh)
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.last_host_seconds = 0.0  # packing the last dispatched step
@@ -144,12 +146,12 @@ class ModelRunner:
 
     def run_packed(self, batch, md, targets, use_pen: bool, all_logits: bool):
         """The device part of a step, on host arrays already padded to a bucket."""
-        self._key, step_key = jax.random.split(self._key)
+        self._num_steps += 1
         sp = self.sharding_plan
         self.kv_cache, out, self._sampled = self._step(
-            self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md), step_key,
-            sp.put_replicated(targets), self._sampled, use_penalties=use_pen,
-            all_logits=all_logits)
+            self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md), self._key,
+            sp.put_replicated(np.uint32(self._num_steps)), sp.put_replicated(targets),
+            self._sampled, use_penalties=use_pen, all_logits=all_logits)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out

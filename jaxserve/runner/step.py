@@ -1,7 +1,8 @@
 """The pure jitted step: forward over the ragged batch, then sample one token per sequence.
 
-step(params, kv_cache, batch, sampling_md, key, prompt_targets, prev_sampled)
-    -> (kv_cache, StepOutput, sampled); the cache is donated.
+step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets, prev_sampled)
+    -> (kv_cache, StepOutput, sampled); the cache is donated. The step's randomness is
+fold_in(base_key, step_index), derived on the device: no host-side key split per step.
 Only shapes and three flags are static; everything a request sets is an array.
 
 Async scheduling: the host packs step N+1 before it knows step N's tokens. A row whose token id
@@ -37,8 +38,9 @@ class StepOutput:
     prompt_top_logprobs: jnp.ndarray | None = None   # f32[T, K]
 
 
-def _step(params, kv_cache, batch, sampling_md, key, prompt_targets, prev_sampled, *, forward,
-          use_penalties: bool, all_logits: bool):
+def _step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets,
+          prev_sampled, *, forward, use_penalties: bool, all_logits: bool):
+    key = jax.random.fold_in(base_key, step_index)
     ids = batch.token_ids  # i32[T]
     from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]  # prev_sampled: i32[S_max]
     batch = batch.replace(token_ids=jnp.where(ids < 0, from_device, ids))
