@@ -188,3 +188,24 @@ def test_finishing_tokens(bpe):
     d.add_token(eos, "stop")
     assert d.text == "Hello wor"  # EOS too, even with skip_special_tokens=False
     assert d.flush() == ""
+
+
+@pytest.mark.parametrize("name", ["bpe", "metaspace"])
+def test_backend_decode_streams_what_the_wrapper_streams(request, name):
+    """The Rust decode shortcut gives the same deltas as transformers' decode, token by token."""
+    from jaxserve.engine.detokenizer import backend_decoder
+
+    tok = request.getfixturevalue(name)
+    assert backend_decoder(tok) is not None  # a fast tokenizer: the shortcut is taken
+    rng = random.Random(1)
+    for _ in range(30):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 8))]
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 25))]
+        for skip in (True, False):
+            params = SamplingParams(max_tokens=None, skip_special_tokens=skip)
+            fast = IncrementalDetokenizer(tok, prompt, params)
+            slow = IncrementalDetokenizer(tok, prompt, params)
+            slow._backend_decode = None
+            assert [fast.add_token(t) for t in ids] == [slow.add_token(t) for t in ids]
+            assert fast.flush() == slow.flush()
+    assert backend_decoder(object()) is None  # anything else goes through tokenizer.decode
