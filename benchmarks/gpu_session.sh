@@ -14,6 +14,6 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/de
 timeout 150 python3 -m pytest -q -m gpu tests/kernels 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
 timeout 150 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 timeout 240 python3 benchmarks/throughput.py --model-config llama3-8b --workload 1024/128 \
-  --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+  --num-prompts 256 --max-num-seqs 256 --max-num-batched-tokens 8192 --scheduling both \
   --compilation-cache /tmp/jax_cache --json "$OUT/throughput.json" 2>&1 | tail -40 \
   | tee "$OUT/throughput.txt"

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
                    help="async: prepare step N+1 while step N runs (default); sync: one step at "
                    "a time; both: each workload both ways, side by side")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --scheduling both: alternate async and sync this many times and "
+                   "report the median ratio (a shared machine drifts between runs)")
     p.add_argument("--compare-transformers", action="store_true",
                    help="also run transformers generate on the same model and prompts")
     p.add_argument("--hf-batch-size", type=int, default=None,
@@ -151,20 +154,34 @@ def roofline_figures(cfg, result: dict, workload, max_num_seqs: int, rates) -> d
     }
 
 
-def compare_sync(engine, workload, async_result: dict) -> dict:
-    """The same workload again with one step at a time; figures and the ratio."""
-    engine.async_scheduling = False
-    try:
-        sync = run_offline(engine, workload, f"{workload.name}-sync")
-    finally:
-        engine.async_scheduling = True
-    same = sum(a == b for a, b in zip(async_result["token_ids"], sync["token_ids"]))
+def compare_sync(engine, workload, async_result: dict, rounds: int = 1) -> dict:
+    """The same workload one step at a time, alternating with async runs `rounds` times;
+    the figures of the first sync run, every round's throughput and the median ratio."""
+    import statistics
+
+    async_tps, sync_tps, same = [async_result["output_tokens_per_s"]], [], 1.0
+    for k in range(rounds):
+        if k:
+            async_tps.append(run_offline(engine, workload, f"{workload.name}-async{k}")
+                             ["output_tokens_per_s"])
+        engine.async_scheduling = False
+        try:
+            sync = run_offline(engine, workload, f"{workload.name}-sync{k}")
+        finally:
+            engine.async_scheduling = True
+        sync_tps.append(sync["output_tokens_per_s"])
+        if not k:
+            first_sync = sync
+            pairs = zip(async_result["token_ids"], sync["token_ids"])
+            same = sum(a == b for a, b in pairs) / max(1, len(sync["token_ids"]))
     keep = ("elapsed_s", "output_tokens_per_s", "mean_step_ms", "mean_host_ms_per_step", "steps",
             "compiles_during_run")
-    return {"sync_scheduling": {k: sync[k] for k in keep},
-            "async_speedup": async_result["output_tokens_per_s"] / sync["output_tokens_per_s"],
+    return {"sync_scheduling": {k: first_sync[k] for k in keep},
+            "async_rounds_output_tokens_per_s": async_tps,
+            "sync_rounds_output_tokens_per_s": sync_tps,
+            "async_speedup": statistics.median(a / b for a, b in zip(async_tps, sync_tps)),
             # batches differ by a step here and there, so padding may flip a late near-tie
-            "async_sync_identical": same / max(1, len(sync["token_ids"]))}
+            "async_sync_identical": same}
 
 
 def print_case(name: str, r: dict, hf: dict | None) -> None:
@@ -186,7 +203,8 @@ def print_case(name: str, r: dict, hf: dict | None) -> None:
         sy = r["sync_scheduling"]
         print(f"  sync sched.   {sy['output_tokens_per_s']:10.1f} out tok/s, mean step "
               f"{sy['mean_step_ms']:.2f} ms, host {sy['mean_host_ms_per_step']:.2f} ms/step: "
-              f"async is {r['async_speedup']:.2f}x; identical tokens in "
+              f"async is {r['async_speedup']:.2f}x (median of "
+              f"{len(r['sync_rounds_output_tokens_per_s'])}); identical tokens in "
               f"{100 * r['async_sync_identical']:.0f}% of requests")
     if hf:
         print(f"  transformers  {hf['requests_per_s']:9.2f} req/s {hf['output_tokens_per_s']:10.1f}"
@@ -228,7 +246,7 @@ def main(argv=None) -> int:
     for w in workloads:
         r = run_offline(engine, w, f"{w.name}")
         if args.scheduling == "both":
-            r.update(compare_sync(engine, w, r))
+            r.update(compare_sync(engine, w, r, args.rounds))
         r.update(roofline_figures(cfg, r, w, args.max_num_seqs, rates))
         r.update(workload=w.name, num_prompts=len(w.prompts), input_tokens=sum(w.input_lens),
                  output_tokens=sum(w.output_lens))
