@@ -360,18 +360,17 @@ def test_eos_finishes_and_max_model_len_caps():
     assert {r.finish_reason for r in requests} == {"stop", "length"}  # both paths are exercised
 
 
-@pytest.mark.parametrize("seed", range(24))
-def test_random_workloads_always_finish(seed):
-    rng = random.Random(seed)
+def random_case(rng):
+    """A random scheduler configuration and workload: pools from barely one request up to
+    roomy, budgets from max_num_seqs up, prompts sharing prefixes, arrivals over 40 steps and
+    three aborts. Returns (make_scheduler kwargs, arrivals by step, requests, aborts by step)."""
     page_size = rng.choice([1, 2, 4, 8, 16])
     max_model_len = rng.choice([32, 64, 128])
     max_num_seqs = rng.randint(1, 8)
-    # Pools from barely one request up to roomy, budgets from max_num_seqs up.
     min_pages = -(-max_model_len // page_size)
-    sched, model = make_scheduler(
-        num_pages=rng.randint(min_pages, 4 * min_pages), page_size=page_size,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.randint(max_num_seqs, 80),
-        max_model_len=max_model_len, enable_prefix_caching=rng.random() < 0.75)
+    config = dict(num_pages=rng.randint(min_pages, 4 * min_pages), page_size=page_size,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.randint(max_num_seqs, 80),
+                  max_model_len=max_model_len, enable_prefix_caching=rng.random() < 0.75)
     prefixes = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 24))] for _ in range(3)]
     arrivals, requests = {}, []
     for i in range(rng.randint(5, 30)):
@@ -383,18 +382,30 @@ def test_random_workloads_always_finish(seed):
         arrivals.setdefault(rng.randrange(40), []).append(request)
         requests.append(request)
     aborts = {rng.randrange(60): rng.choice(requests).request_id for _ in range(3)}
+    return config, arrivals, requests, aborts
+
+
+def assert_random_case_done(sched, requests, finished):
+    """Every request ended; the unaborted ones as if alone; the pool whole and queues empty."""
+    for r in requests:
+        assert r.is_finished
+        if r.finish_reason == "abort":
+            assert r.request_id not in finished
+            continue
+        out, reason = reference_output(r, sched.max_model_len)
+        assert (r.output_token_ids, r.finish_reason) == (out, reason), r
+    assert_pool_whole(sched)
+    assert sched.num_running == sched.num_waiting == 0 and not sched.requests
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_workloads_always_finish(seed):
+    config, arrivals, requests, aborts = random_case(random.Random(seed))
+    sched, model = make_scheduler(**config)
 
     def maybe_abort(step_index, out):
         if step_index in aborts:
             sched.abort_request(aborts[step_index])
 
     finished = run_to_completion(sched, model, arrivals=arrivals, on_step=maybe_abort)
-    for r in requests:
-        assert r.is_finished
-        if r.finish_reason == "abort":
-            assert r.request_id not in finished
-            continue
-        out, reason = reference_output(r, max_model_len)
-        assert (r.output_token_ids, r.finish_reason) == (out, reason), r
-    assert_pool_whole(sched)
-    assert sched.num_running == sched.num_waiting == 0 and not sched.requests
+    assert_random_case_done(sched, requests, finished)

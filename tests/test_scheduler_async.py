@@ -14,8 +14,8 @@ import pytest
 
 from jaxserve.engine.request import RequestStatus
 from jaxserve.engine.scheduler import PLACEHOLDER
-from test_scheduler import (VOCAB, FakeModel, assert_pool_whole, make_request, make_scheduler,
-                            reference_output)
+from test_scheduler import (FakeModel, assert_pool_whole, assert_random_case_done,
+                            make_request, make_scheduler, random_case, reference_output)
 
 
 class PipelinedFakeModel(FakeModel):
@@ -162,40 +162,14 @@ def test_abort_with_a_step_in_flight():
 
 @pytest.mark.parametrize("seed", range(24))
 def test_random_workloads_pipelined(seed):
-    rng = random.Random(1000 + seed)
-    page_size = rng.choice([1, 2, 4, 8, 16])
-    max_model_len = rng.choice([32, 64, 128])
-    max_num_seqs = rng.randint(1, 8)
-    min_pages = -(-max_model_len // page_size)
-    num_pages = rng.randint(min_pages, 4 * min_pages)
-    sched, _ = make_scheduler(
-        num_pages=num_pages, page_size=page_size, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=rng.randint(max_num_seqs, 80), max_model_len=max_model_len,
-        enable_prefix_caching=rng.random() < 0.75)
-    model = PipelinedFakeModel(num_pages, page_size)
-    prefixes = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 24))] for _ in range(3)]
-    arrivals, requests = {}, []
-    for i in range(rng.randint(5, 30)):
-        prompt = rng.choice(prefixes)[:rng.randint(0, 24)] + [rng.randrange(VOCAB)
-                                                            for _ in range(rng.randint(1, 20))]
-        request = make_request(f"r{i}", prompt[:max_model_len - 1],
-                               max_tokens=rng.choice([None, 1, 5, 20, 60]),
-                               ignore_eos=rng.random() < 0.5, min_tokens=rng.choice([0, 0, 1]))
-        arrivals.setdefault(rng.randrange(40), []).append(request)
-        requests.append(request)
-    aborts = {rng.randrange(60): rng.choice(requests).request_id for _ in range(3)}
+    config, arrivals, requests, aborts = random_case(random.Random(1000 + seed))
+    sched, _ = make_scheduler(**config)
+    model = PipelinedFakeModel(config["num_pages"], config["page_size"])
 
     def maybe_abort(step_index, out):
         if step_index in aborts:
             sched.abort_request(aborts[step_index])
 
     finished = run_pipelined(sched, model, arrivals=arrivals, on_step=maybe_abort)
-    for r in requests:
-        assert r.is_finished
-        if r.finish_reason == "abort":
-            assert r.request_id not in finished
-            continue
-        assert (r.output_token_ids, r.finish_reason) == reference_output(r, max_model_len), r
+    assert_random_case_done(sched, requests, finished)
     assert model.placeholders_fed > 0
-    assert_pool_whole(sched)
-    assert sched.num_running == sched.num_waiting == 0 and not sched.requests
