@@ -4,7 +4,7 @@ Synthetic files check dequantization against the originals within each format's 
 llama.cpp's q/k row permutation being undone, the config built from metadata, and that bad
 files (unsupported or unknown types, truncation, odd metadata) fail with a GGUFError naming the
 file and the field. The real file is compared with transformers' own GGUF loader, tensor by
-tensor, and its tokenizer with transformers' GGUF tokenizer.
+tensor. The tokenizers built from GGUF metadata are checked in test_gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -301,26 +301,6 @@ def test_smollm2_tensors_equal_transformers_gguf_state_dict(smollm2_gguf):
                 "head_dim", "rope_theta"):
         assert ours.hf_config[key] == cfg[key], key
     assert ours.hf_config["rms_norm_eps"] == pytest.approx(cfg["rms_norm_eps"]) == 1e-5
-
-
-@pytest.mark.slow
-def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2_gguf, tmp_path):
-    from transformers import AutoTokenizer
-
-    path, ours = smollm2_gguf
-    # an empty folder: next to the HF files transformers would drop the GGUF's chat template
-    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path)
-    texts = ["The capital of France is", "  leading spaces\tand\ttabs\n\nnew lines",
-             "In 2024, 12,345 people paid $3.50 each.", "Ünïcödé, 日本語, emoji 🙂🚀",
-             "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x ** 2"]
-    for text in texts:
-        assert ours.tokenizer(text).input_ids == ref(text).input_ids, text
-    assert ours.tokenizer("The capital of France is").input_ids == [504, 3575, 282, 4649, 314]
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = ours.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert prompt == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert ours.tokenizer.eos_token == "<|im_end|>" and ours.config.eos_token_ids == (2,)
 
 
 @pytest.mark.slow

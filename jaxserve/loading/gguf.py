@@ -7,7 +7,8 @@ everything downstream (jaxserve.models.hf_names.params_from_hf) has a single inp
 
 We parse the header ourselves, not with gguf.GGUFReader, whose constructor dies on a truncated
 file or unknown tensor type with a bare numpy/enum error; ours checks every bound and names the
-file and field. The `gguf` package dequantizes (numpy); transformers builds the tokenizer.
+file and field. The `gguf` package dequantizes (numpy); gguf_tokenizer.py builds the tokenizer
+from the metadata with the `tokenizers` library (no torch, unlike transformers' GGUF path).
 """
 
 from __future__ import annotations
@@ -382,16 +383,10 @@ def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True) ->
 
 
 def _load_tokenizer(path: str, meta: dict):
-    # transformers builds the fast tokenizer and its chat template from the GGUF metadata. It
-    # is pointed at an empty folder: given the GGUF's own folder, it also reads any
-    # tokenizer_config.json lying there and then drops the GGUF's chat template.
-    import tempfile
-
-    from transformers import AutoTokenizer
+    # Built from the metadata by our own code: transformers' GGUF tokenizer path imports torch.
+    from jaxserve.loading.gguf_tokenizer import GGUFTokenizerError, build_tokenizer
 
     try:
-        with tempfile.TemporaryDirectory() as empty:
-            return AutoTokenizer.from_pretrained(empty, gguf_file=os.path.abspath(path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types; name file and why
-        raise GGUFError(f"{path}: could not build the tokenizer (tokenizer.ggml.model = "
-                        f"{meta['tokenizer.ggml.model']!r}): {type(e).__name__}: {e}") from None
+        return build_tokenizer(meta)
+    except GGUFTokenizerError as e:
+        raise GGUFError(f"{path}: could not build the tokenizer: {e}") from None
