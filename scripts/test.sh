@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the tests need (pinned, CPU) and run the whole suite:
 #   1. .venv     Python 3.11, jax 0.10.2: every test;
-#   2. .venv312  Python 3.12, jax 0.11.2 (the GPU machine's version): the kernel tests again.
+#   2. .venv312  Python 3.12, jax 0.11.2 (the GPU machine's version): the kernel tests again;
+#   3. a throw-away venv with only `pip install -e .` (no torch): the README's serve command and
+#      one completion (scripts/fresh_install_check.sh, several minutes: the server compiles).
 # Usage: bash scripts/test.sh [pytest args for the main run...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +32,6 @@ if [ -n "$PY312" ]; then
 else
   echo "scripts/test.sh: WARNING: no Python 3.12 found; kernel tests under jax 0.11.2 not run" >&2
 fi
+
+# Last: a user's first command must work without the test requirements (torch above all).
+PYTHON="$PY" bash scripts/fresh_install_check.sh
