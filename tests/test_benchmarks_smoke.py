@@ -85,6 +85,16 @@ def test_workloads_are_reproducible_and_filtered():
         make_workload("1024x128", 1)
 
 
+def test_mixed_workload_is_one_fixed_set_of_shapes():
+    from benchmarks.workloads import MIXED_MAX_MODEL_LEN
+    w = make_workload("mixed", 48, seed=0)
+    assert (sum(w.input_lens), sum(w.output_lens)) == (9190, 6743)  # documented in workloads.py
+    assert w.max_total_len <= MIXED_MAX_MODEL_LEN and min(w.input_lens) >= 4
+    other = make_workload("mixed", 48, seed=5)     # the seed picks token ids, not lengths
+    assert other.input_lens == w.input_lens and other.output_lens == w.output_lens
+    assert other.prompts != w.prompts
+
+
 # -- throughput -----------------------------------------------------------------------------------
 
 def test_random_weights_are_made_on_the_device_and_fit_the_runner():
