@@ -7,13 +7,17 @@ Every registered function has the reference's signature plus `interpret: bool = 
        sm_scale, soft_cap=None, sliding_window=None, interpret=False) -> [T, Hq, D]
 
 Variants:
-  "reference"             pure jnp (any platform; `interpret` is accepted and ignored).
+  "reference"             pure jnp (any platform; `interpret` is accepted and ignored); the
+                          oracle: every row gathers the whole page table.
+  "blocked"               pure jnp, cost bounded by the live context (each sequence's pages read
+                          once per query tile, key loops with data-dependent trip counts); the
+                          CPU default.
   "pallas_ragged"         one Pallas-Triton kernel for mixed decode + prefill steps.
   "pallas_splitk_decode"  flash-decoding split-K kernel when the bucket has T <= S (decode-shaped),
                           statically falling back to "pallas_ragged" when T > S. The split-K
                           kernel itself is correct for any batch, so the choice only affects speed.
 
-On CPU the Pallas variants need interpret=True (tests); the engine uses "reference" there.
+On CPU the Pallas variants need interpret=True (tests); the engine uses "blocked" there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from pallas_kernels.blocked_attention import blocked_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.splitk_decode_attention import ragged_paged_attention_splitk
@@ -36,6 +41,7 @@ def _reference(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num
 
 _VARIANTS: dict[str, Callable] = {
     "reference": _reference,
+    "blocked": blocked_paged_attention,
     "pallas_ragged": ragged_paged_attention,
     "pallas_splitk_decode": ragged_paged_attention_splitk,
 }
@@ -43,11 +49,20 @@ _VARIANTS: dict[str, Callable] = {
 # Chosen by construction, not yet by measurement on a GPU: split-K is the ragged kernel on every
 # bucket with T > S and adds parallelism over the context on decode buckets, where the ragged
 # kernel has only S * Hkv programs. benchmarks/kernels.py measures both; revisit with its numbers.
-_DEFAULT = {"gpu": "pallas_splitk_decode", "cuda": "pallas_splitk_decode", "cpu": "reference"}
+_DEFAULT = {"gpu": "pallas_splitk_decode", "cuda": "pallas_splitk_decode", "cpu": "blocked"}
+
+
+# Plain-jnp variants: they run compiled on any platform and follow no Triton rules.
+_JNP_VARIANTS = ("reference", "blocked")
 
 
 def available_variants() -> tuple[str, ...]:
     return tuple(_VARIANTS)
+
+
+def pallas_variants() -> tuple[str, ...]:
+    """The variants that are Pallas kernels (interpret mode only on CPU; Triton's rules)."""
+    return tuple(v for v in _VARIANTS if v not in _JNP_VARIANTS)
 
 
 def get_attention_fn(name: str, **config) -> Callable:

@@ -19,7 +19,7 @@ from pallas_kernels.problems import make_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-PALLAS_VARIANTS = [v for v in registry.available_variants() if v != "reference"]
+PALLAS_VARIANTS = list(registry.pallas_variants())
 H100_MAX_SHARED = 227 * 1024
 
 # (tokens, slots, q_heads, kv_heads, head_dim, page_size, dtype, soft_cap, sliding_window);

@@ -24,7 +24,9 @@ from pallas_kernels.splitk_decode_attention import SplitKConfig, splitk_decode_a
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
 TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-PALLAS_VARIANTS = [v for v in registry.available_variants() if v != "reference"]
+# every variant but the oracle itself: the Pallas kernels (interpret mode) and plain-jnp ones
+VARIANTS = [v for v in registry.available_variants() if v != "reference"]
+PALLAS_VARIANTS = list(registry.pallas_variants())
 
 # name: (q_lens, kv_lens, q_heads, kv_heads, head_dim, page_size, dtype, extra)
 # extra: num_tokens / num_slots (padding), soft_cap, sliding_window.
@@ -80,7 +82,7 @@ def _check(out, problem, ref, dtype):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("variant", PALLAS_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_matches_reference(variant, name):
     problem, kwargs, dtype, ref = _reference(name)
     assert np.all(np.isfinite(ref)) and np.all(ref[problem.num_rows:] == 0)
@@ -101,7 +103,7 @@ def test_no_live_sequence_gives_zeros():
     problem, kwargs, _ = _case("decode_ps8_d64_g1_f32")
     args = list(problem.args)
     args[7] = jnp.zeros((1,), jnp.int32)  # num_seqs = 0: every row is padding
-    for variant in PALLAS_VARIANTS:
+    for variant in VARIANTS:
         out = registry.get_attention_fn(variant)(*args, interpret=True, **kwargs)
         assert np.all(np.asarray(out) == 0)
 
@@ -119,7 +121,7 @@ def _small_args(head_dim=64, dtype=jnp.float32):
                         dtype=dtype, poison=False).args
 
 
-@pytest.mark.parametrize("variant", PALLAS_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_bad_operands_raise_clear_errors(variant):
     fn = registry.get_attention_fn(variant)
     q, k, v, layer, lens, table, cu, nseq = _small_args()
@@ -134,9 +136,10 @@ def test_bad_operands_raise_clear_errors(variant):
            interpret=True)
     with pytest.raises(ValueError, match="sliding_window"):
         fn(q, k, v, layer, lens, table, cu, nseq, sm_scale=0.1, sliding_window=0, interpret=True)
-    q80, k80, v80, *rest = _small_args(head_dim=80)
-    with pytest.raises(ValueError, match="power of 2"):
-        fn(q80, k80, v80, *rest, sm_scale=0.1, interpret=True)
+    if variant in PALLAS_VARIANTS:  # a Triton rule; plain jnp takes any head_dim
+        q80, k80, v80, *rest = _small_args(head_dim=80)
+        with pytest.raises(ValueError, match="power of 2"):
+            fn(q80, k80, v80, *rest, sm_scale=0.1, interpret=True)
 
 
 def test_configs_reject_triton_incompatible_tiles():
@@ -151,8 +154,9 @@ def test_configs_reject_triton_incompatible_tiles():
 
 def test_registry():
     names = registry.available_variants()
-    assert {"reference", "pallas_ragged", "pallas_splitk_decode"} <= set(names)
-    assert registry.default_variant("cpu") == "reference"
+    assert {"reference", "blocked", "pallas_ragged", "pallas_splitk_decode"} <= set(names)
+    assert registry.default_variant("cpu") == "blocked"
+    assert set(registry.pallas_variants()) == set(names) - {"reference", "blocked"}
     assert registry.default_variant("gpu") in names
     with pytest.raises(ValueError, match="unknown attention variant"):
         registry.get_attention_fn("flash")
