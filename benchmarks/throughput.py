@@ -1,5 +1,5 @@
 """Offline throughput of jaxserve, in-process, against the roofline floor and optionally against
-Hugging Face transformers `generate` on the same model and prompts in the same run.
+Hugging Face transformers `generate` and vLLM's CPU backend on the same model and prompts.
 
 Every request is submitted at t=0 with a fixed output length (ignore_eos), as in `vllm bench
 throughput`. One engine serves every workload of the run (its max_model_len covers the longest),
@@ -9,9 +9,19 @@ so the run also checks that nothing compiles after warm-up.
     python benchmarks/throughput.py --model default --workload 128/32 --num-prompts 8 \\
         --compare-transformers                                               # SmolLM2 on CPU
     python benchmarks/throughput.py --smoke --compare-transformers           # CI, seconds
+    python benchmarks/throughput.py --model default --workload mixed --num-prompts 48 \\
+        --max-num-seqs 32 --max-num-batched-tokens 512 --max-model-len 1536 \\
+        --compare-vllm --rounds 3                                            # vs vLLM on CPU
 
 --scheduling both runs each workload with async scheduling (the default: step N+1 prepared and
 dispatched while step N runs) and then without, on the same engine, and reports the ratio.
+
+--compare-vllm runs vLLM's `LLM.generate` (its own venv, --vllm-python) on the same HF folder,
+the same token-id prompts, greedy with the same fixed lengths and the same limits (max_num_seqs,
+max_num_batched_tokens, max_model_len, block size nearest --page-size, prefix caching off on both
+sides, the same dtype), timing generate only, after a warm-up. With --rounds N both engines stay
+up and alternate N times; the ratio is the median of per-round ratios. Greedy agreement is over
+the full output length (benchmarks/vllm_peer.py).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from benchmarks.model_shapes import (RandomModel, builtin_config, builtin_names,
                                      num_params, random_model, torch_model_from_config)
 from benchmarks.workloads import GRID, Workload, make_workload, random_prompts  # noqa: E402
 
+from benchmarks import vllm_peer  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,7 +55,8 @@ def parse_args(argv=None):
     src.add_argument("--model-config", choices=builtin_names(),
                      help="random weights at a built-in shape, made on the device")
     p.add_argument("--workload", nargs="+", default=None,
-                   help=f"IN/OUT cases and/or 'sharegpt' (default: {' '.join(GRID)} sharegpt)")
+                   help=f"IN/OUT cases, 'sharegpt' and/or 'mixed' (default: {' '.join(GRID)} "
+                   "sharegpt)")
     p.add_argument("--num-prompts", type=int, default=128, help="requests per workload")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, f32 on CPU), float32, "
                    "bfloat16")
@@ -51,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="default: the longest prompt+output, rounded up to a page")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="default: on, off with --compare-vllm (on both sides)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -58,8 +75,8 @@ def parse_args(argv=None):
                    help="async: prepare step N+1 while step N runs (default); sync: one step at "
                    "a time; both: each workload both ways, side by side")
     p.add_argument("--rounds", type=int, default=1,
-                   help="with --scheduling both: alternate async and sync this many times and "
-                   "report the median ratio (a shared machine drifts between runs)")
+                   help="with --scheduling both or --compare-vllm: alternate the runs this many "
+                   "times and report the median ratio (a shared machine drifts between runs)")
     p.add_argument("--compare-transformers", action="store_true",
                    help="also run transformers generate on the same model and prompts")
     p.add_argument("--hf-batch-size", type=int, default=None,
@@ -67,6 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads for transformers (default: torch's choice; 1 "
                         "avoids OpenMP's collapse on a CPU shared with other work)")
+    p.add_argument("--compare-vllm", action="store_true",
+                   help="also run vLLM's LLM.generate (CPU build, its own venv) on the same model "
+                   "folder and prompts")
+    p.add_argument("--vllm-python", default=vllm_peer.default_vllm_python(),
+                   help="python of vLLM's venv (default: $VLLM_PYTHON or ../vllm_venv)")
+    p.add_argument("--vllm-kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="default: --page-size rounded up to vLLM CPU's multiple of 32")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=JSON",
+                   help="extra LLM(...) keyword, e.g. enforce_eager=true (repeatable)")
     p.add_argument("--device", choices=sorted(roofline.ANCHORS),
                    help="roofline rates from a published anchor (default: known GPU's anchor, "
                         "else measured here)")
@@ -85,6 +112,17 @@ def parse_args(argv=None):
         args.page_size, args.num_pages = 8, 128
     if not args.model and not args.model_config:
         p.error("give --model PATH or --model-config NAME (or --smoke)")
+    if args.compare_vllm:
+        if not args.model or args.model.endswith(".gguf"):
+            p.error("--compare-vllm needs --model with a Hugging Face folder (or 'default')")
+        vllm_peer.check_vllm_python(args.vllm_python)
+        try:
+            args.vllm_args = {k: json.loads(v) for k, _, v in
+                              (a.partition("=") for a in args.vllm_arg)}
+        except ValueError as e:
+            p.error(f"--vllm-arg: expected KEY=JSON ({e})")
+    if args.enable_prefix_caching is None:
+        args.enable_prefix_caching = not args.compare_vllm
     args.workload = args.workload or list(GRID) + ["sharegpt"]
     return args
 
@@ -101,7 +139,8 @@ def engine_settings(args) -> EngineSettings:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, num_pages=args.num_pages,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend, seed=args.seed)
+        attention_backend=args.attention_backend, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def build(args, max_model_len: int):
@@ -212,6 +251,25 @@ def print_case(name: str, r: dict, hf: dict | None) -> None:
               f" batch {hf['batch_size']})")
         print(f"  ratio         {r['speedup_vs_transformers']:.2f}x output tokens/s; greedy "
               f"agreement {100 * r['greedy_agreement']:.0f}% of requests (first 8 tokens)")
+    if "vllm" in r:
+        print("\n".join(vllm_peer.vllm_lines(r)))
+
+
+def start_vllm(args, cfg, max_model_len: int, warm, workloads):
+    """vLLM's offline worker with the same limits as our engine, built and warmed up."""
+    engine = {"model": args.model, "dtype": cfg.dtype, "max_model_len": max_model_len,
+              "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": args.max_num_batched_tokens,
+              "block_size": args.vllm_block_size or vllm_peer.vllm_block_size(args.page_size),
+              "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
+              "disable_log_stats": True, **args.vllm_args}
+    worker = vllm_peer.OfflineWorker(args.vllm_python, engine, warm, workloads,
+                                     args.vllm_kv_cache_gib)
+    print(f"starting vLLM ({args.vllm_python}) ...", file=sys.stderr)
+    info = worker.start()
+    print(f"vLLM {info['vllm_version']} up in {info['startup_s']:.1f} s (+ warm-up "
+          f"{info['warmup_s']:.1f} s)", file=sys.stderr)
+    return worker, info
 
 
 def main(argv=None) -> int:
@@ -225,6 +283,11 @@ def main(argv=None) -> int:
     # measured before the engine exists: its own compiles must not count against the guard
     rates = roofline.resolve_rates(args.device, args.bandwidth_gbs, args.tflops)
     max_model_len = -(-max(w.max_total_len for w in workloads) // args.page_size) * args.page_size
+    if args.max_model_len:
+        if args.max_model_len < max(w.max_total_len for w in workloads):
+            raise SystemExit(f"--max-model-len {args.max_model_len} is shorter than the longest "
+                             f"request ({max(w.max_total_len for w in workloads)} tokens)")
+        max_model_len = args.max_model_len
     t0 = time.perf_counter()
     engine, cfg, hf_model = build(args, max_model_len)
     build_s = time.perf_counter() - t0
@@ -236,6 +299,9 @@ def main(argv=None) -> int:
     warm = Workload("warm", random_prompts(first.input_lens, seed=10_000),
                     [min(4, n) for n in first.output_lens])
     run_offline(engine, warm, "warm")
+    # after our build: a vLLM start-up competing for the CPU would blur both build times
+    worker, vllm_info = (start_vllm(args, cfg, max_model_len, warm, workloads)
+                         if args.compare_vllm else (None, None))
 
     from benchmarks.hf_baseline import greedy_agreement, run_hf
     if hf_model is not None and args.torch_threads:
@@ -243,23 +309,32 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.torch_threads)
     results = []
     engine.async_scheduling = args.scheduling != "sync"
-    for w in workloads:
-        r = run_offline(engine, w, f"{w.name}")
-        if args.scheduling == "both":
-            r.update(compare_sync(engine, w, r, args.rounds))
-        r.update(roofline_figures(cfg, r, w, args.max_num_seqs, rates))
-        r.update(workload=w.name, num_prompts=len(w.prompts), input_tokens=sum(w.input_lens),
-                 output_tokens=sum(w.output_lens))
-        hf = None
-        if hf_model is not None:
-            pad = engine.tokenizer.pad_token_id or 0
-            hf = run_hf(hf_model, w, args.hf_batch_size or args.max_num_seqs, pad)
-            r["speedup_vs_transformers"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
-            r["greedy_agreement"] = greedy_agreement(r["token_ids"], hf.pop("token_ids"))
-            r["transformers"] = hf
-        del r["records"], r["token_ids"]
-        print_case(w.name, r, hf)
-        results.append(r)
+    try:
+        for i, w in enumerate(workloads):
+            r = run_offline(engine, w, f"{w.name}")
+            if args.scheduling == "both":
+                r.update(compare_sync(engine, w, r, args.rounds))
+            if worker is not None:
+                r.update(vllm_peer.compare_vllm(
+                    lambda k: run_offline(engine, w, f"{w.name}-vllm{k}"), worker, i, r, args.rounds))
+            r.update(roofline_figures(cfg, r, w, args.max_num_seqs, rates))
+            r.update(workload=w.name, num_prompts=len(w.prompts), input_tokens=sum(w.input_lens),
+                     output_tokens=sum(w.output_lens))
+            hf = None
+            if hf_model is not None:
+                pad = engine.tokenizer.pad_token_id or 0
+                hf = run_hf(hf_model, w, args.hf_batch_size or args.max_num_seqs, pad)
+                r["speedup_vs_transformers"] = r["output_tokens_per_s"] / hf["output_tokens_per_s"]
+                r["greedy_agreement"] = greedy_agreement(r["token_ids"], hf.pop("token_ids"))
+                r["transformers"] = hf
+            del r["records"], r["token_ids"]
+            print_case(w.name, r, hf)
+            results.append(r)
+    finally:
+        if worker is not None:
+            worker.close()  # also when a run fails: never leave vLLM's processes behind
+    if worker is not None:
+        print("\n" + vllm_peer.summary_table(results))
 
     bad = [r["workload"] for r in results if r["compiles_during_run"]
            or r.get("sync_scheduling", {}).get("compiles_during_run")]
@@ -286,6 +361,9 @@ def main(argv=None) -> int:
         report["torch_threads"] = torch.get_num_threads()
         report["transformers_version"] = __import__("transformers").__version__
         report["torch_version"] = torch.__version__
+    if vllm_info is not None:
+        report["vllm"] = {**vllm_info, "python": args.vllm_python,
+                          "kv_cache_gib": args.vllm_kv_cache_gib}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

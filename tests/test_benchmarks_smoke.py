@@ -238,3 +238,68 @@ def test_serving_metrics_and_goodput():
     assert m["output_throughput"] == pytest.approx(8.5)
     with pytest.raises(ValueError, match="ttft"):
         parse_goodput(["latency:3"])
+
+
+# -- vLLM as a peer (no vLLM needed: fake worker results, a fake vllm module, a fake server) ------
+
+def test_token_agreement_and_median_ratio_with_a_fake_worker():
+    from benchmarks.vllm_peer import compare_vllm, summary_table, token_agreement, vllm_lines
+
+    ag = token_agreement([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 0, 6], [0, 8, 9]])
+    assert ag["num_identical"] == 1 and ag["identical"] == pytest.approx(1 / 3)
+    assert ag["first_mismatch"] == [0, 1] and ag["first_mismatch_min"] == 0
+    assert token_agreement([[1]], [[1]])["first_mismatch_median"] is None
+
+    class FakeWorker:
+        tps = iter([100.0, 50.0, 200.0])
+
+        def run(self, index, round_):
+            t = next(self.tps)
+            return {"engine": "vllm", "output_tokens_per_s": t, "requests_per_s": 1.0,
+                    "total_tokens_per_s": 2 * t, "elapsed_s": 1.0, "token_ids": [[1, 2], [3, 9]]}
+
+    jax_tps = iter([60.0, 300.0])
+    first = {"output_tokens_per_s": 50.0, "token_ids": [[1, 2], [3, 4]]}
+    r = compare_vllm(lambda k: {"output_tokens_per_s": next(jax_tps)}, FakeWorker(), 0, first, 3)
+    assert r["jaxserve_rounds_output_tokens_per_s"] == [50.0, 60.0, 300.0]
+    assert r["vllm_rounds_output_tokens_per_s"] == [100.0, 50.0, 200.0]
+    assert r["ratio_vs_vllm"] == pytest.approx(1.2)  # median of 0.5, 1.2, 1.5
+    assert r["vllm_agreement"]["first_mismatch"] == [1] and "token_ids" not in r["vllm"]
+    r["workload"] = "x"
+    assert "1/2 requests" in vllm_lines(r)[1] and "1.20x" in summary_table([r])
+
+
+_FAKE_VLLM = '''
+from types import SimpleNamespace as NS
+__version__ = "0.0.fake"
+class SamplingParams:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+class LLM:
+    def __init__(self, **kw):
+        assert kw["enable_prefix_caching"] is False
+    def generate(self, prompts, params, use_tqdm=True):
+        return [NS(outputs=[NS(token_ids=[p["prompt_token_ids"][-1] + i for i in range(s.max_tokens)])])
+                for p, s in zip(prompts, params)]
+'''
+
+
+def test_vllm_worker_protocol_with_a_fake_vllm(tmp_path):
+    from benchmarks.vllm_peer import OfflineWorker
+    from benchmarks.workloads import Workload
+
+    (tmp_path / "vllm.py").write_text(_FAKE_VLLM)
+    ws = [Workload("a", [[5, 6], [7]], [3, 1]), Workload("b", [[9]], [2])]
+    worker = OfflineWorker(sys.executable, {"model": "m", "enable_prefix_caching": False},
+                           Workload("warm", [[1]], [1]), ws, log=open(os.devnull, "w"))
+    worker.env["PYTHONPATH"] = str(tmp_path)  # the fake in place of vLLM
+    with worker:
+        info = worker.start(timeout=60)
+        assert info["vllm_version"] == "0.0.fake" and info["peak_rss_bytes"] > 0
+        assert info["env"]["VLLM_TARGET_DEVICE"] == "cpu"
+        b = worker.run(1, 0)
+        a = worker.run(0, 1)
+    assert worker.proc.returncode == 0
+    assert b["workload"] == "b" and b["token_ids"] == [[9, 10]]
+    assert a["round"] == 1 and a["token_ids"] == [[6, 7, 8], [7]] and a["output_tokens_per_s"] > 0
+
