@@ -14,6 +14,14 @@ request/output/total-token throughput; goodput (requests meeting every --goodput
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --dataset-name random \\
         --random-input-len 1024 --random-output-len 128 --num-prompts 200 --request-rate 4 \\
         --goodput ttft:200 tpot:50 --save-result out.json
+    python benchmarks/serving.py --compare-vllm --request-rate 1 --num-prompts 24 \\
+        --workload 128/64 --save-result both.json             # launches both servers in turn
+
+--launch jaxserve vllm (or --compare-vllm) starts each server itself (benchmarks/servers.py:
+the same model folder, max_num_seqs, max_num_batched_tokens, max_model_len, dtype and page size
+(vLLM: the nearest block size it accepts), prefix caching off), one at a time so they never
+share the CPU, sends each one warm-up completion, then the same load (the same token-id prompts,
+arrival times and output lengths), and prints the figures side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import servers  # noqa: E402
 from benchmarks.workloads import DEFAULT_ID_RANGE, make_workload  # noqa: E402
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
@@ -237,6 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--token-id-range", type=int, nargs=2, default=list(DEFAULT_ID_RANGE),
                    metavar=("LO", "HI"), help="prompt token ids are drawn from [LO, HI)")
+    p.add_argument("--workload", default=None, help="IN/OUT, 'sharegpt' or 'mixed' "
+                   "(benchmarks/workloads.py); instead of --dataset-name and --random-*-len")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s")
     p.add_argument("--burstiness", type=float, default=1.0)
@@ -251,6 +262,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-result", "--json", dest="save_result", default=None,
                    help="write the metrics and per-request lists as JSON here")
+    p.add_argument("--launch", nargs="+", choices=["jaxserve", "vllm"], default=None,
+                   help="start these servers one after the other and load each the same way "
+                   "(instead of --base-url)")
+    p.add_argument("--compare-vllm", action="store_true", help="= --launch jaxserve vllm")
+    servers.add_server_args(p)
     args = p.parse_args(argv)
     if args.burstiness <= 0:
         p.error("--burstiness must be positive")
@@ -260,14 +276,63 @@ def parse_args(argv=None):
         p.error(str(e))
     args.percentiles = [float(x) for x in args.metric_percentiles.split(",") if x]
     args.base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
+    if args.compare_vllm:
+        args.launch = ["jaxserve", "vllm"]
     return args
+
+
+def launched_runs(args, workload) -> dict:
+    """Start each server of --launch in turn, warm it, run the load, read its memory, stop it."""
+    model = servers.resolve_model_path(args.model_path)
+    page = args.page_size
+    max_len = args.max_model_len or -(-workload.max_total_len // page) * page
+    runs = {}
+    for name in args.launch:
+        spec = servers.spec_for(name, args, model, max_len)
+        print(f"starting {name}: {' '.join(spec.argv)}", file=sys.stderr)
+        with servers.Server(spec, args.server_log_dir) as server:
+            ready = server.wait_ready(args.server_timeout)
+            print(f"{name} served its first completion {ready['first_completion_s']:.1f} s "
+                  f"after start (log {server.log_path})", file=sys.stderr)
+            results, duration, peak = asyncio.run(run_load(
+                args, workload, spec.base_url + args.endpoint, servers.SERVED_NAME))
+            runs[name] = {"results": results, "duration": duration, "peak": peak,
+                          "startup": ready, "memory": server.peak_rss(),
+                          "command": spec.argv, "max_model_len": max_len}
+    return runs
+
+
+SIDE_BY_SIDE = (("completed", "Successful requests", "{:.0f}"),
+                ("duration", "Duration (s)", "{:.2f}"),
+                ("output_throughput", "Output tok/s", "{:.2f}"),
+                ("request_throughput", "Requests/s", "{:.3f}"))
+
+
+def print_side_by_side(named: dict[str, dict], percentiles: list[float]) -> None:
+    """One column per server: throughput, then TTFT/TPOT/ITL/E2EL at median and percentiles."""
+    names = list(named)
+    rows = [(label, [fmt.format(named[n][key]) for n in names]) for key, label, fmt in SIDE_BY_SIDE]
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ["median"] + [f"p{p:g}" for p in percentiles if p != 50]:
+            rows.append((f"{metric.upper()} {stat.replace('median', 'p50')} (ms)",
+                         [f"{named[n][f'{stat}_{metric}_ms']:.1f}" for n in names]))
+    rows.append(("First completion after start (s)",
+                 [f"{named[n]['startup']['first_completion_s']:.1f}" for n in names]))
+    rows.append(("Peak RSS incl. children (GiB)",
+                 [f"{named[n]['memory']['total_peak_rss_bytes'] / 2**30:.2f}" for n in names]))
+    print("{s:{c}^{w}}".format(s=" Side by side ", c="=", w=36 + 14 * len(names)))
+    print(f"{'':<36}" + "".join(f"{n:>14}" for n in names))
+    for label, values in rows:
+        print(f"{label:<36}" + "".join(f"{v:>14}" for v in values))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    case = ("sharegpt" if args.dataset_name == "sharegpt"
-            else f"{args.random_input_len}/{args.random_output_len}")
+    case = args.workload or ("sharegpt" if args.dataset_name == "sharegpt"
+                             else f"{args.random_input_len}/{args.random_output_len}")
     workload = make_workload(case, args.num_prompts, args.seed, tuple(args.token_id_range))
+    if args.launch:
+        return main_launched(args, case, workload)
     model = args.model or discover_model(args.base_url, args.api_key)
     url = args.base_url + args.endpoint
     print(f"{len(workload.prompts)} requests ({case}) to {url}, model {model}, request rate "
@@ -294,6 +359,35 @@ def main(argv=None) -> int:
         with open(args.save_result, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0 if results and not errors else 1
+
+
+def main_launched(args, case: str, workload) -> int:
+    runs = launched_runs(args, workload)
+    named, ok = {}, True
+    for name, run in runs.items():
+        m = calculate_metrics(run["results"], run["duration"], args.percentiles, args.slos)
+        print(f"\n{name}:")
+        print_report(m, args.percentiles, args.slos)
+        errors = [r.error for r in run["results"] if not r.success]
+        if errors:
+            ok = False
+            print(f"{name}: first error: {errors[0]}", file=sys.stderr)
+        named[name] = {**m, "startup": run["startup"], "memory": run["memory"],
+                       "max_concurrent_requests": run["peak"], "command": run["command"],
+                       "max_model_len": run["max_model_len"],
+                       "errors": [r.error for r in run["results"]]}
+    print()
+    print_side_by_side(named, args.percentiles)
+    if args.save_result:
+        report = {"date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "workload": case,
+                  "num_prompts": len(workload.prompts), "input_tokens": sum(workload.input_lens),
+                  "output_tokens": sum(workload.output_lens), "request_rate": args.request_rate,
+                  "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+                  "goodput_slos_ms": args.slos, "command": " ".join(sys.argv),
+                  "servers": named}
+        with open(args.save_result, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

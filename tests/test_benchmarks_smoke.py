@@ -162,7 +162,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": "not found"}})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    def _answer(self, body: dict) -> None:
         type(self).received.append(body)
         if not isinstance(body.get("prompt"), list) or not body.get("stream"):
             self._send_json(400, {"error": {"message": "expected token ids, stream=true"}})
@@ -303,3 +305,75 @@ def test_vllm_worker_protocol_with_a_fake_vllm(tmp_path):
     assert b["workload"] == "b" and b["token_ids"] == [[9, 10]]
     assert a["round"] == 1 and a["token_ids"] == [[6, 7, 8], [7]] and a["output_tokens_per_s"] > 0
 
+
+class _LaunchedFake(_FakeOpenAI):
+    def do_GET(self):
+        if self.path == "/health":
+            self._send_json(200, {})
+        else:
+            super().do_GET()
+
+    def _answer(self, body: dict) -> None:
+        if body.get("stream"):
+            super()._answer(body)
+        else:
+            self._send_json(200, {"choices": [{"text": "x"}]})  # the readiness probe
+
+
+@pytest.fixture()
+def fake_launches(monkeypatch):
+    """servers.spec_for launching stand-ins: an HTTP fake (a thread in this process) answers,
+    while a real child process sleeps, so that start, peak_rss and stop run for real."""
+    from benchmarks import servers
+
+    started, calls = [], []
+
+    def fake_spec(name, args, model, max_len, cache=None, flag=None):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _LaunchedFake)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        calls.append((name, cache, flag))
+        return servers.ServerSpec(name, [sys.executable, "-c", "import time; time.sleep(60)"],
+                                  dict(os.environ), srv.server_address[1])
+
+    monkeypatch.setattr(servers, "spec_for", fake_spec)
+    monkeypatch.setattr(servers, "jaxserve_cache_flag", lambda: "--compilation-cache-dir")
+    yield calls
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_launched_comparison_against_fake_servers(tmp_path, fake_launches):
+    from benchmarks import serving
+
+    out = tmp_path / "both.json"
+    rc = serving.main(["--compare-vllm", "--model-path", str(tmp_path), "--workload", "8/4",
+                       "--num-prompts", "3", "--request-rate", "inf", "--save-result", str(out),
+                       "--server-log-dir", str(tmp_path / "logs")])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert list(data["servers"]) == ["jaxserve", "vllm"]
+    for s in data["servers"].values():
+        assert s["completed"] == 3 and s["total_output_tokens"] == 12
+        assert s["startup"]["first_completion_s"] >= s["startup"]["listening_s"] > 0
+        assert s["memory"]["peak_rss_bytes"] > 0 and s["p99_ttft_ms"] >= s["median_ttft_ms"]
+
+
+def test_server_specs_share_the_limits():
+    from benchmarks import serving, servers
+
+    args = serving.parse_args(["--compare-vllm", "--vllm-python", sys.executable,
+                               "--max-num-seqs", "7", "--vllm-args=--enforce-eager"])
+    j = servers.jaxserve_spec(args, "M", 144, "/c", "--compilation-cache-dir")
+    v = servers.vllm_spec(args, "M", 144, cache_root="/v")
+    for spec in (j, v):
+        argv = " ".join(spec.argv)
+        assert "--model M" in argv and "--max-num-seqs 7" in argv and "--max-model-len 144" in argv
+        assert "--no-enable-prefix-caching" in argv and "--dtype float32" in argv
+    assert j.argv[-2:] == ["--compilation-cache-dir", "/c"] and "--block-size 32" in " ".join(v.argv)
+    assert v.argv[-1] == "--enforce-eager" and v.cwd != servers.ROOT
+    assert v.env["VLLM_TARGET_DEVICE"] == "cpu" and v.env["VLLM_CACHE_ROOT"] == "/v"
+    assert servers.find_cache_flag("  --compilation-cache-dir DIR  persistent") == (
+        "--compilation-cache-dir")
+    assert servers.find_cache_flag("  --no-enable-prefix-caching") is None
