@@ -50,19 +50,19 @@ def _soft_cap(s, soft_cap):
 def _online_update(carry, s, mask, weigh_values):
     """One key block of the online softmax. s: f32[..., K] scores, mask: bool[..., K];
     weigh_values(p) -> f32[..., D] sums p over the block's V (zero where masked).
-    carry = (m [...], l [...], acc [..., D])."""
-    m, l, acc = carry
+    carry = (m [...], denom [...], acc [..., D])."""
+    m, denom, acc = carry
     s = jnp.where(mask, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    l = l * alpha + p.sum(axis=-1)
+    denom = denom * alpha + p.sum(axis=-1)
     acc = acc * alpha[..., None] + weigh_values(p)
-    return m_new, l, acc
+    return m_new, denom, acc
 
 
-def _finish(l, acc):
-    return acc / jnp.where(l > 0, l, 1.0)[..., None]
+def _finish(denom, acc):
+    return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
 def blocked_paged_attention(
@@ -142,8 +142,8 @@ def blocked_paged_attention(
     dec_hi = -(-jnp.max(dec_len) // block_k)
     dec_lo = jnp.min(jnp.where(is_decode, first_block(dec_pos), num_blocks))
     init = (jnp.full((S, Hkv, G), _MASKED), jnp.zeros((S, Hkv, G)), jnp.zeros((S, Hkv, G, D)))
-    _, l, acc = jax.lax.fori_loop(jnp.minimum(dec_lo, dec_hi), dec_hi, decode_block, init)
-    dec_out = _finish(l, acc).reshape(S, Hq, D)
+    _, denom, acc = jax.lax.fori_loop(jnp.minimum(dec_lo, dec_hi), dec_hi, decode_block, init)
+    dec_out = _finish(denom, acc).reshape(S, Hq, D)
 
     # ---- prefill sequences: tiles of block_q rows, one tile at a time ----------------------
     bq = config.block_q
@@ -180,8 +180,8 @@ def blocked_paged_attention(
                 jnp.zeros((Hkv, G, bq, D)))
         hi = last_pos // block_k + 1
         lo = jnp.minimum(first_block(pos0), hi)
-        _, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
-        o = _finish(l, acc).transpose(2, 0, 1, 3).reshape(bq, Hq, D)
+        _, denom, acc = jax.lax.fori_loop(lo, hi, key_block, init)
+        o = _finish(denom, acc).transpose(2, 0, 1, 3).reshape(bq, Hq, D)
         kept = jax.lax.dynamic_slice_in_dim(out, row0, bq, 0)
         o = jnp.where(row_ok[:, None, None], o, kept)  # rows past the tile belong to others
         return jax.lax.dynamic_update_slice_in_dim(out, o, row0, 0)

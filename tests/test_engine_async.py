@@ -55,8 +55,11 @@ def _assert_same(a, b):
     for x, y in zip(a.outputs, b.outputs):
         assert (x.token_ids, x.text, x.finish_reason, x.stop_reason) == \
             (y.token_ids, y.text, y.finish_reason, y.stop_reason)
-        assert abs(x.cumulative_logprob - y.cumulative_logprob) < 1e-3
+        # computed only for requests that ask for logprobs (as vLLM does)
+        assert (x.cumulative_logprob is None) == (x.logprobs is None)
+        assert (y.cumulative_logprob is None) == (y.logprobs is None)
         if x.logprobs is not None:
+            assert abs(x.cumulative_logprob - y.cumulative_logprob) < 1e-3
             assert [e.keys() for e in x.logprobs] == [e.keys() for e in y.logprobs]
 
 

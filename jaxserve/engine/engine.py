@@ -35,7 +35,8 @@ class _Sample:
     request: Request
     detok: IncrementalDetokenizer
     logprobs: list[dict[int, float]] | None
-    cumulative_logprob: float = 0.0
+    # as in vLLM, only for requests that ask for logprobs: other steps do not compute them
+    cumulative_logprob: float | None = None
 
 
 @dataclasses.dataclass
@@ -114,7 +115,9 @@ class LLMEngine:
             req.sampling_salt = self._rng.getrandbits(32)  # unseeded streams differ per sample
             req.skip_prefix_cache = params.prompt_logprobs is not None and i == 0
             detok = IncrementalDetokenizer(self.tokenizer, ids, child_params)
-            state.samples.append(_Sample(req, detok, [] if params.logprobs is not None else None))
+            wants = params.logprobs is not None
+            state.samples.append(_Sample(req, detok, [] if wants else None,
+                                         0.0 if wants else None))
             children.append(req)
         for i, req in enumerate(children):
             try:
@@ -271,9 +274,9 @@ class LLMEngine:
         if state is None:
             return
         sample = state.samples[self._index_of(req)]
-        lp = float(out.logprobs[i])
-        sample.cumulative_logprob += lp
         if sample.logprobs is not None:
+            lp = float(out.logprobs[i])
+            sample.cumulative_logprob += lp
             entry = {int(out.token_ids[i]): lp}
             for j in range(state.params.logprobs):
                 entry.setdefault(int(out.top_token_ids[i, j]), float(out.top_logprobs[i, j]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -23,10 +24,18 @@ from tqdm import tqdm
 from jaxserve.config import EngineConfig
 from jaxserve.runner import sampling
 from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
-from jaxserve.runner.compile_guard import compile_count
+from jaxserve.runner.compile_guard import cache_counts, compile_count
 from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import plan_memory
 from jaxserve.runner.step import compiled_step
+
+
+class StepVariant(NamedTuple):
+    """The static part of a step: its bucket shape and which extras it computes."""
+    num_tokens: int   # T, token rows
+    num_seqs: int     # S, sequence slots
+    extras: bool      # token penalties and logprobs of the sampled tokens
+    all_logits: bool  # prompt logprobs: every row's logits (implies extras)
 
 
 class ModelRunner:
@@ -64,35 +73,46 @@ class ModelRunner:
             np.zeros(self.buckets.seq_buckets[-1], np.int32), self.sharding_plan.mesh)
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
+        self.warmup_stats: dict | None = None
         self.last_host_seconds = 0.0  # packing the last dispatched step
         self.last_wait_seconds = 0.0  # the last fetch, blocked on the device
+        self.last_variant: StepVariant | None = None  # of the last dispatched step
 
     # -- warm-up ---------------------------------------------------------------------------
     def _variants(self):
-        """(tokens, seqs, use_penalties, all_logits) for every step the engine can issue.
-        Penalty steps use the largest sequence bucket; prompt-logprob steps (rare) also the
-        largest token bucket, so each costs one compile."""
+        """Every StepVariant the engine can issue. Plain steps (no penalties, no logprobs: the
+        common case, and the cheapest) exist at every bucket shape. Steps with an extra (token
+        penalties or logprobs, one variant for both: a neutral penalty is exact, and logprobs
+        of [S, V] cost little next to the forward) use the largest sequence bucket; prompt-
+        logprob steps also compute every row's logits. Each of these exists per token bucket
+        from the largest sequence bucket up, so a small step is never padded to the largest."""
         s_max = self.buckets.seq_buckets[-1]
-        t_max = self.buckets.token_buckets[-1]
         for t, s in self.buckets.all_shapes():
-            yield t, s, False, False
-        for t in self.buckets.token_buckets:
-            if t >= s_max:
-                yield t, s_max, True, False
-        yield t_max, s_max, False, True
-        yield t_max, s_max, True, True
+            yield StepVariant(t, s, False, False)
+        for all_logits in (False, True):
+            for t in self.buckets.token_buckets:
+                if t >= s_max:
+                    yield StepVariant(t, s_max, True, all_logits)
 
     def warmup(self, progress: bool = True) -> None:
         variants = list(self._variants())
         start = time.perf_counter()
-        for t, s, pen, all_logits in tqdm(variants, desc="compiling step buckets", unit="bucket",
-                                          file=sys.stderr, disable=not progress, leave=False):
-            self._run([], t, s, [], pen, all_logits, prompt_targets=None)
+        hits0, misses0 = cache_counts()
+        for variant in tqdm(variants, desc="compiling step buckets", unit="bucket",
+                            file=sys.stderr, disable=not progress, leave=False):
+            self._run([], variant, [], prompt_targets=None)
         jax.block_until_ready(self.kv_cache)
         self._warm_count = compile_count()
+        hits, misses = cache_counts()
+        self.warmup_stats = dict(variants=len(variants), seconds=time.perf_counter() - start,
+                                 cache_hits=hits - hits0, cache_misses=misses - misses0)
         if progress:
-            print(f"compiled {len(variants)} step buckets in {time.perf_counter() - start:.1f}s",
-                  file=sys.stderr)
+            cache_dir = jax.config.jax_compilation_cache_dir
+            where = (f"{hits - hits0} loaded from the compilation cache {cache_dir}, "
+                     f"{misses - misses0} compiled" if cache_dir else
+                     "compilation cache off")
+            print(f"warm-up: {len(variants)} step variants in "
+                  f"{self.warmup_stats['seconds']:.1f}s ({where})", file=sys.stderr)
 
     def compiles_since_warmup(self) -> int:
         return compile_count() - (self._warm_count or 0)
@@ -117,23 +137,25 @@ class ModelRunner:
         for prompt logprobs of every row."""
         num_tokens = sum(len(s.token_ids) for s in seqs)
         t, s = self.buckets.pick(num_tokens, len(seqs))
-        use_pen = any(sampling.needs_penalties(x) for x in sampling_inputs)
+        extras = any(sampling.needs_penalties(x) or sampling.needs_logprobs(x)
+                     for x in sampling_inputs)
         all_logits = prompt_targets is not None
-        if use_pen or all_logits:
+        if extras or all_logits:
             s = self.buckets.seq_buckets[-1]
             t = self.buckets.token_bucket(max(num_tokens, s))
-        if all_logits:
-            t = self.buckets.token_buckets[-1]
-        return self._run(seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets)
+        return self._run(seqs, StepVariant(t, s, extras or all_logits, all_logits),
+                         sampling_inputs, prompt_targets)
 
-    def _run(self, seqs, t, s, sampling_inputs, use_pen, all_logits, prompt_targets):
+    def _run(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
         host_start = time.perf_counter()
+        t, s = variant.num_tokens, variant.num_seqs
+        self.last_variant = variant
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
-        if all_logits:
+        if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
         # a fixed history width keeps penalty steps at one shape per bucket
         md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size,
-                                              use_penalties=use_pen,
+                                              use_penalties=variant.extras,
                                               penalty_width=self.max_model_len)
         targets = np.zeros(t, np.int32)
         if prompt_targets is not None:
@@ -141,17 +163,19 @@ class ModelRunner:
             targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
         self.last_host_seconds = time.perf_counter() - host_start
         if self.multihost:  # every process runs the same step: broadcast process 0's inputs
-            return lead_call(self, "run_packed", batch, md, targets, use_pen, all_logits)
-        return self.run_packed(batch, md, targets, use_pen, all_logits)
+            return lead_call(self, "run_packed", batch, md, targets, variant.extras,
+                             variant.all_logits)
+        return self.run_packed(batch, md, targets, variant.extras, variant.all_logits)
 
-    def run_packed(self, batch, md, targets, use_pen: bool, all_logits: bool):
-        """The device part of a step, on host arrays already padded to a bucket."""
+    def run_packed(self, batch, md, targets, extras: bool, all_logits: bool):
+        """The device part of a step, on host arrays already padded to a bucket. `extras`:
+        the variant with token penalties and logprobs."""
         self._num_steps += 1
         sp = self.sharding_plan
         self.kv_cache, out, self._sampled = self._step(
             self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md), self._key,
             sp.put_replicated(np.uint32(self._num_steps)), sp.put_replicated(targets),
-            self._sampled, use_penalties=use_pen, all_logits=all_logits)
+            self._sampled, use_penalties=extras, logprobs=extras, all_logits=all_logits)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out

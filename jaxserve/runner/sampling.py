@@ -3,8 +3,8 @@
 The host packs every request's settings into `SamplingMetadata` (numpy, `build_sampling_metadata`)
 and the device runs `sample` on the step's logits. Every per-request value (temperature, top-k/p,
 min-p, penalties, seeds, logit bias, min_tokens) is an array row, so a new value never recompiles;
-only the shapes (S rows, V vocab, the sparse widths) and two flags (`use_penalties`,
-`num_top_logprobs`) are static.
+only the shapes (S rows, V vocab, the sparse widths) and three flags (`use_penalties`,
+`num_top_logprobs`, `logprobs`) are static.
 
 Order of operations, as vLLM applies them:
   logit_bias -> min_tokens forbidding -> repetition / frequency / presence penalties
@@ -106,6 +106,13 @@ def needs_penalties(x: Any) -> bool:
     makes the step take the `use_penalties` variant."""
     p = x if isinstance(x, SamplingParams) else _as_input(x).params
     return p.uses_penalties
+
+
+def needs_logprobs(x: Any) -> bool:
+    """Whether a sequence asks for logprobs of its sampled tokens, which makes the step take
+    the variant that computes them (`logprobs=True` in `sample`)."""
+    p = x if isinstance(x, SamplingParams) else _as_input(x).params
+    return p.logprobs is not None
 
 
 def _next_pow2(n: int, lo: int) -> int:
@@ -357,14 +364,15 @@ def row_keys(md: SamplingMetadata, base_key: jnp.ndarray) -> jnp.ndarray:
 
 
 def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
-           num_top_logprobs: int, use_penalties: bool) -> SamplerOutput:
-    """Sample one token per row of logits f32[S, V]. Static: num_top_logprobs, use_penalties.
+           num_top_logprobs: int, use_penalties: bool, logprobs: bool = True) -> SamplerOutput:
+    """Sample one token per row of logits f32[S, V]. Static: num_top_logprobs, use_penalties,
+    logprobs (False: no log_softmax and no top-k at all; logprobs come back as zeros and the
+    top arrays with K = 0, for steps in which no request asked for them).
 
     base_key: the step's PRNG key (raw u32[2] or a typed threefry key); only unseeded rows use it.
     """
     logits = logits.astype(jnp.float32)                                   # f32[S, V]
     S, V = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)                    # f32[S, V]
     adjusted = apply_logit_adjustments(logits, md, use_penalties=use_penalties)
     greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)          # i32[S]
     is_greedy = md.temperature < GREEDY_EPS                               # bool[S]
@@ -379,6 +387,11 @@ def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
     # An all-greedy batch (the common benchmark case) skips filtering and noise entirely.
     random_ids = jax.lax.cond(jnp.all(is_greedy), lambda a: greedy_ids, draw, adjusted)
     token_ids = jnp.where(is_greedy, greedy_ids, random_ids)              # i32[S]
+    if not logprobs:
+        return SamplerOutput(token_ids=token_ids, logprobs=jnp.zeros((S,), jnp.float32),
+                             top_token_ids=jnp.zeros((S, 0), jnp.int32),
+                             top_logprobs=jnp.zeros((S, 0), jnp.float32))
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)                    # f32[S, V]
     token_lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
     if num_top_logprobs > 0:
         top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)  # f32/i32[S, K]

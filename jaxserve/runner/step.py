@@ -3,7 +3,10 @@
 step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets, prev_sampled)
     -> (kv_cache, StepOutput, sampled); the cache is donated. The step's randomness is
 fold_in(base_key, step_index), derived on the device: no host-side key split per step.
-Only shapes and three flags are static; everything a request sets is an array.
+Only shapes and three flags are static; everything a request sets is an array. The flags are
+the step's variant: `use_penalties` (token-history penalties), `logprobs` (log_softmax and the
+top-20 of the sampled rows; off, a step computes no logprob at all) and `all_logits` (prompt
+logprobs: logits, log_softmax and top-20 for every row).
 
 Async scheduling: the host packs step N+1 before it knows step N's tokens. A row whose token id
 is negative, -(i + 1), takes the token step N sampled for its sequence slot i from
@@ -24,14 +27,14 @@ from jaxserve.models import build_model
 from jaxserve.models.config import ModelConfig
 from jaxserve.runner import sampling
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's cap; always computed so a request's choice never recompiles
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap; computed whole so a request's choice never recompiles
 
 
 @struct.dataclass
 class StepOutput:
     token_ids: jnp.ndarray            # i32[S]  sampled next token per sequence slot
-    logprobs: jnp.ndarray             # f32[S]  its logprob under the model
-    top_token_ids: jnp.ndarray        # i32[S, K]
+    logprobs: jnp.ndarray             # f32[S]  its logprob under the model (0: not computed)
+    top_token_ids: jnp.ndarray        # i32[S, K]  K = 0 in steps without logprobs
     top_logprobs: jnp.ndarray         # f32[S, K]
     prompt_logprobs: jnp.ndarray | None = None      # f32[T]  logprob of the next prompt token
     prompt_top_token_ids: jnp.ndarray | None = None  # i32[T, K]
@@ -39,7 +42,7 @@ class StepOutput:
 
 
 def _step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets,
-          prev_sampled, *, forward, use_penalties: bool, all_logits: bool):
+          prev_sampled, *, forward, use_penalties: bool, logprobs: bool, all_logits: bool):
     key = jax.random.fold_in(base_key, step_index)
     ids = batch.token_ids  # i32[T]
     from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]  # prev_sampled: i32[S_max]
@@ -56,7 +59,7 @@ def _step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_tar
                       prompt_top_logprobs=top_lp)
         logits = logits[last_rows]  # [S, V]
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
-                          use_penalties=use_penalties)
+                          use_penalties=use_penalties, logprobs=logprobs)
     sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
     return kv_cache, StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
                                 top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
@@ -71,5 +74,5 @@ def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None):
     model = build_model(cfg, attention_fn)
     fn = functools.partial(_step, forward=model.forward)
     extra = {} if out_shardings is None else {"out_shardings": out_shardings}
-    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "all_logits"),
+    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "logprobs", "all_logits"),
                    **extra)
