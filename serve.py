@@ -14,14 +14,18 @@ def engine_config_from(server_config):
     """Map the HTTP server's flags onto the engine's frozen configs."""
     import jax
 
-    from jaxserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from jaxserve.config import (CacheConfig, EngineConfig, SchedulerConfig,
+                                 default_compilation_cache_dir)
 
     on_cpu = jax.devices()[0].platform == "cpu"
     # CPU serves small models to few clients; GPU defaults follow vLLM's
     max_seqs = server_config.max_num_seqs or (16 if on_cpu else 256)
     max_tokens = server_config.max_num_batched_tokens or (256 if on_cpu else 8192)
     backend = None if server_config.attention_backend in (None, "auto") else server_config.attention_backend
+    cache_dir = (None if server_config.no_compilation_cache
+                 else server_config.compilation_cache_dir or default_compilation_cache_dir())
     return EngineConfig(
+        compilation_cache_dir=cache_dir,
         model=server_config.model, dtype=server_config.dtype, seed=server_config.seed,
         attention_backend=backend, tensor_parallel_size=server_config.tensor_parallel_size,
         sharding_config=server_config.sharding_config,

@@ -6,10 +6,18 @@ No jax import: the server builds these too. Messages name the flag a user would 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the flag."""
+
+
+def default_compilation_cache_dir() -> str:
+    """Where compiled step variants persist between starts: the user's cache folder
+    ($XDG_CACHE_HOME, else ~/.cache) under jaxserve/xla."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jaxserve", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +66,16 @@ class EngineConfig:
     sharding_config: str | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    # persistent XLA compilation cache (a second start loads every step variant from it);
+    # None turns it off
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=default_compilation_cache_dir)
 
     def __post_init__(self):
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.compilation_cache_dir is not None and not self.compilation_cache_dir.strip():
+            raise ConfigError("--compilation-cache-dir must not be empty (use "
+                              "--no-compilation-cache to turn the cache off)")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")

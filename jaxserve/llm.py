@@ -27,7 +27,7 @@ def resolve_attention(name: str | None):
     platform = jax.devices()[0].platform
     name = name or registry.default_variant(platform)
     fn = registry.get_attention_fn(name)
-    if platform == "cpu" and name != "reference":
+    if platform == "cpu" and name in registry.pallas_variants():
         import functools
         fn = functools.partial(fn, interpret=True)  # Pallas runs on CPU only in interpret mode
     return name, fn
@@ -40,6 +40,8 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
     from jaxserve.runner.runner import ModelRunner
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    from jaxserve.runner.compilation_cache import use_compilation_cache
+    use_compilation_cache(config.compilation_cache_dir)  # before anything compiles
     dtype = None if config.dtype in (None, "auto") else config.dtype
     from jaxserve.loading.orbax import is_orbax_checkpoint, load_orbax_model
     if loaded is not None:
@@ -94,12 +96,16 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
-                 warmup: bool = True):
+                 compilation_cache_dir: str | None | object = "default", warmup: bool = True):
+        """compilation_cache_dir: the persistent XLA cache folder ("default":
+        $XDG_CACHE_HOME/jaxserve/xla; None: off)."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()
+        cache_dir = ({} if compilation_cache_dir == "default"
+                     else {"compilation_cache_dir": compilation_cache_dir})
         self.config = EngineConfig(
-            model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
+            model=model, dtype=dtype, seed=seed, attention_backend=attention_backend, **cache_dir,
             tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                    default=d.async_scheduling, help="Prepare and dispatch the next step while "
                    "the device runs the current one.")
+    cc = e.add_mutually_exclusive_group()
+    cc.add_argument("--compilation-cache-dir", default=None,
+                    help="Folder of the persistent XLA compilation cache: a second start "
+                    "loads the compiled step variants instead of compiling them. Default: "
+                    "$XDG_CACHE_HOME/jaxserve/xla (~/.cache/jaxserve/xla).")
+    cc.add_argument("--no-compilation-cache", action="store_true",
+                    help="Compile every step variant at start-up, keeping nothing on disk.")
     h = p.add_argument_group("multi-host (jax.distributed)")
     h.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0; every process of the job passes the same one.")

@@ -66,6 +66,8 @@ class ServerConfig:
     num_processes: int = 1
     process_id: int = 0
     health_heartbeat_timeout: float = 30.0
+    compilation_cache_dir: str | None = None  # None: the engine's default folder
+    no_compilation_cache: bool = False
     uvicorn_log_level: str = "info"
 
     def __post_init__(self):
@@ -128,5 +130,10 @@ class ServerConfig:
             bad("--max-request-body-bytes", f"must be at least 1024, got "
                 f"{self.max_request_body_bytes}")
         positive("--health-heartbeat-timeout", self.health_heartbeat_timeout)
+        if self.compilation_cache_dir is not None and not self.compilation_cache_dir.strip():
+            bad("--compilation-cache-dir", "must not be empty")
+        if self.compilation_cache_dir is not None and self.no_compilation_cache:
+            bad("--no-compilation-cache", "give either --compilation-cache-dir or "
+                "--no-compilation-cache, not both")
         if self.uvicorn_log_level not in LOG_LEVELS:
             bad("--uvicorn-log-level", f"must be one of {', '.join(LOG_LEVELS)}")
