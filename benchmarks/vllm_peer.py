@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,11 +105,17 @@ class OfflineWorker:
             return json.load(fh)
 
     def start(self, timeout: float = 1800) -> dict:
+        # its own session, so that close() can reach the engine processes vLLM spawns
         self.proc = subprocess.Popen(
             [self.python, WORKER, self.spec_path, self.out_path, "--serve"], env=self.env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=self.tmp)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=self.tmp,
+            start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
-        info = self._wait("ready", timeout)
+        try:
+            info = self._wait("ready", timeout)
+        except BaseException:
+            self.close()
+            raise
         return {k: v for k, v in info.items() if k != "runs"}
 
     def run(self, index: int, round_: int = 0, timeout: float = 3600) -> dict:
@@ -123,7 +130,7 @@ class OfflineWorker:
                 self.proc.stdin.close()
                 self.proc.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()  # only the worker we started; its engine child follows it
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker's group: ours alone
                 self.proc.wait()
 
     def __enter__(self):

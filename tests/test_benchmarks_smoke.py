@@ -377,3 +377,18 @@ def test_server_specs_share_the_limits():
     assert servers.find_cache_flag("  --compilation-cache-dir DIR  persistent") == (
         "--compilation-cache-dir")
     assert servers.find_cache_flag("  --no-enable-prefix-caching") is None
+
+
+def test_startup_cold_then_warm_on_the_same_cache(tmp_path, fake_launches):
+    from benchmarks import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--model-path", str(tmp_path), "--json", str(out),
+                         "--server-log-dir", str(tmp_path / "logs")]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["server"], r["phase"]) for r in rows] == [
+        ("jaxserve", "cold"), ("jaxserve", "warm"), ("vllm", "cold"), ("vllm", "warm")]
+    assert all(r["first_completion_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows)
+    (_, c0, f0), (_, c1, _), (_, v0, _), (_, v1, _) = fake_launches
+    assert c0 == c1 and v0 == v1 and c0 != v0 and f0 == "--compilation-cache-dir"
+    assert not os.path.exists(c0)  # the temporary caches are removed afterwards
