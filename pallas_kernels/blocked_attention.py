@@ -35,7 +35,7 @@ _MASKED = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class BlockedConfig:
-    block_q: int = 32   # query rows per prefill tile
+    block_q: int = 128  # query rows per prefill tile (measured: 128 beats 32 and 64 on CPU)
     block_k: int = 256  # key positions per block (rounded to whole pages)
 
     def __post_init__(self):
