@@ -48,25 +48,33 @@ class Buckets:
     def token_bucket(self, num_tokens: int) -> int:
         return self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
 
+    @property
+    def prefill_seq_buckets(self) -> tuple[int, ...]:
+        """Sequence buckets of prefill-shaped steps (T > S): the smallest above one sequence
+        and the largest. There the step's cost is its T token rows; S only sizes the
+        sampler's [S, V] work and the logits rows, so finer S buckets would buy little and each
+        costs a compiled variant per token bucket."""
+        above_one = [s for s in self.seq_buckets if s > 1] or list(self.seq_buckets)
+        return tuple(sorted({above_one[0], self.seq_buckets[-1]}))
+
     def pick(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
         s = self.seq_buckets[bisect.bisect_left(self.seq_buckets, num_seqs)]
         if num_tokens <= s:
             # decode-shaped (one token per sequence): T == S lets attention take its decode
             # path (split-K) and keeps a 1-sequence decode at 1 token row, not 16
             return s, s
-        return self.token_bucket(num_tokens), s
+        pre = self.prefill_seq_buckets
+        s = pre[bisect.bisect_left(pre, num_seqs)]
+        return self.token_bucket(max(num_tokens, s)), s
 
     def all_shapes(self) -> list[tuple[int, int]]:
-        """Every (tokens, seqs) pair `pick` can return: decode-shaped (s, s), and otherwise, as a
-        step has at most as many sequences as tokens, each token bucket t with the seq buckets
-        up to the first one >= t."""
+        """Every (tokens, seqs) pair `pick` can return: decode-shaped (s, s), and prefill-shaped
+        (t, s) for each token bucket t and prefill sequence bucket s < t."""
         shapes = [(s, s) for s in self.seq_buckets]  # decode-shaped steps
         for t in self.token_buckets:
-            for s in self.seq_buckets:
-                if (t, s) not in shapes:
+            for s in self.prefill_seq_buckets:
+                if s < t and (t, s) not in shapes:
                     shapes.append((t, s))
-                if s >= t:
-                    break
         return shapes
 
 

@@ -12,9 +12,12 @@ the previously dispatched step sampled for slot i (see step.py).
 
 from __future__ import annotations
 
+import bisect
 import math
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -28,6 +31,11 @@ from jaxserve.runner.compile_guard import cache_counts, compile_count
 from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import plan_memory
 from jaxserve.runner.step import compiled_step
+
+
+# Compiled step executables of this process, by (step function, variant, argument shapes and
+# shardings): engines rebuilt with the same model and settings (tests, restarts) reuse them.
+_EXECUTABLES: dict = {}
 
 
 class StepVariant(NamedTuple):
@@ -74,6 +82,7 @@ class ModelRunner:
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.warmup_stats: dict | None = None
+        self._executables: dict = {}  # (T, S, extras, all_logits) -> compiled step
         self.last_host_seconds = 0.0  # packing the last dispatched step
         self.last_wait_seconds = 0.0  # the last fetch, blocked on the device
         self.last_variant: StepVariant | None = None  # of the last dispatched step
@@ -89,17 +98,39 @@ class ModelRunner:
         s_max = self.buckets.seq_buckets[-1]
         for t, s in self.buckets.all_shapes():
             yield StepVariant(t, s, False, False)
-        for all_logits in (False, True):
-            for t in self.buckets.token_buckets:
-                if t >= s_max:
-                    yield StepVariant(t, s_max, True, all_logits)
+        for t in self.extras_token_buckets():
+            yield StepVariant(t, s_max, True, False)
+        for t in self.extras_token_buckets(prompt_logprobs=True):
+            yield StepVariant(t, s_max, True, True)
+
+    def extras_token_buckets(self, prompt_logprobs: bool = False) -> list[int]:
+        """Token buckets of the extras variants (largest sequence bucket): every one from
+        that bucket up; for prompt logprobs (rare, and their [T, V] work grows with T) every
+        other one and the largest, so a step pads at most 4x, never to the largest bucket."""
+        s_max = self.buckets.seq_buckets[-1]
+        ts = [t for t in self.buckets.token_buckets if t >= s_max] or [s_max]
+        if prompt_logprobs:
+            ts = sorted(set(ts[::2]) | {ts[-1]})
+        return ts
 
     def warmup(self, progress: bool = True) -> None:
         variants = list(self._variants())
         start = time.perf_counter()
         hits0, misses0 = cache_counts()
-        for variant in tqdm(variants, desc="compiling step buckets", unit="bucket",
-                            file=sys.stderr, disable=not progress, leave=False):
+        if not self.multihost:
+            # XLA compiles outside the GIL: compile (or load from the persistent cache) every
+            # variant on all cores first; the warm-up runs below then only execute them
+            workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+            with ThreadPoolExecutor(workers) as pool:
+                list(tqdm(pool.map(self._precompile, variants), total=len(variants),
+                          desc=f"compiling step variants ({workers} threads)", unit="variant",
+                          file=sys.stderr, disable=not progress, leave=False))
+        # what was not compiled ahead compiles by running once (multi-host: the followers
+        # compile each step the leader announces)
+        todo = [v for v in variants if (v.num_tokens, v.num_seqs, v.extras, v.all_logits)
+                not in self._executables]
+        for variant in tqdm(todo, desc="compiling step variants", unit="variant",
+                            file=sys.stderr, disable=not progress or not todo, leave=False):
             self._run([], variant, [], prompt_targets=None)
         jax.block_until_ready(self.kv_cache)
         self._warm_count = compile_count()
@@ -142,14 +173,14 @@ class ModelRunner:
         all_logits = prompt_targets is not None
         if extras or all_logits:
             s = self.buckets.seq_buckets[-1]
-            t = self.buckets.token_bucket(max(num_tokens, s))
+            ts = self.extras_token_buckets(prompt_logprobs=all_logits)
+            t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
         return self._run(seqs, StepVariant(t, s, extras or all_logits, all_logits),
                          sampling_inputs, prompt_targets)
 
-    def _run(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
-        host_start = time.perf_counter()
+    def _pack(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
+        """Host arrays of one step, padded to the variant's bucket: (batch, md, targets)."""
         t, s = variant.num_tokens, variant.num_seqs
-        self.last_variant = variant
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
@@ -161,21 +192,54 @@ class ModelRunner:
         if prompt_targets is not None:
             flat = [tok for per_seq in prompt_targets for tok in per_seq]
             targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
+        return batch, md, targets
+
+    def _run(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
+        host_start = time.perf_counter()
+        self.last_variant = variant
+        batch, md, targets = self._pack(seqs, variant, sampling_inputs, prompt_targets)
         self.last_host_seconds = time.perf_counter() - host_start
         if self.multihost:  # every process runs the same step: broadcast process 0's inputs
             return lead_call(self, "run_packed", batch, md, targets, variant.extras,
                              variant.all_logits)
         return self.run_packed(batch, md, targets, variant.extras, variant.all_logits)
 
+    def _step_args(self, batch, md, targets, step_index: int) -> tuple:
+        sp = self.sharding_plan
+        return (self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md),
+                self._key, sp.put_replicated(np.uint32(step_index)), sp.put_replicated(targets),
+                self._sampled)
+
+    def _executable_key(self, variant: StepVariant, args: tuple):
+        leaves = jax.tree.leaves(args)
+        return (self._step, variant, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+                                           for x in leaves))
+
+    def _precompile(self, variant: StepVariant) -> None:
+        """Lower and compile one variant without running it; the executable is kept (shared
+        by every runner of the process with the same shapes) and run by `run_packed`."""
+        batch, md, targets = self._pack([], variant, [], None)
+        args = self._step_args(batch, md, targets, 0)
+        key = self._executable_key(variant, args)
+        if key not in _EXECUTABLES:
+            _EXECUTABLES[key] = self._step.lower(
+                *args, use_penalties=variant.extras, logprobs=variant.extras,
+                all_logits=variant.all_logits).compile()
+        self._executables[(variant.num_tokens, variant.num_seqs, variant.extras,
+                           variant.all_logits)] = _EXECUTABLES[key]
+
     def run_packed(self, batch, md, targets, extras: bool, all_logits: bool):
         """The device part of a step, on host arrays already padded to a bucket. `extras`:
         the variant with token penalties and logprobs."""
         self._num_steps += 1
-        sp = self.sharding_plan
-        self.kv_cache, out, self._sampled = self._step(
-            self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md), self._key,
-            sp.put_replicated(np.uint32(self._num_steps)), sp.put_replicated(targets),
-            self._sampled, use_penalties=extras, logprobs=extras, all_logits=all_logits)
+        args = self._step_args(batch, md, targets, self._num_steps)
+        executable = self._executables.get((len(batch.token_ids), len(batch.kv_lens), extras,
+                                            all_logits))
+        if executable is not None:
+            self.kv_cache, out, self._sampled = executable(*args)
+        else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it
+            self.kv_cache, out, self._sampled = self._step(
+                *args, use_penalties=extras, logprobs=extras, all_logits=all_logits)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out
