@@ -25,7 +25,6 @@ with MARKER because vLLM logs to stdout too.
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -73,7 +72,9 @@ def vm_hwm(pid: int) -> int:
 
 
 def memory() -> dict:
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM, not getrusage: Linux carries ru_maxrss over fork + exec, so the worker would
+    # report the larger jaxserve parent's peak as its own
+    return {"peak_rss_bytes": vm_hwm(os.getpid()),
             "children_peak_rss_bytes": sum(vm_hwm(p) for p in descendants(os.getpid()))}
 
 
