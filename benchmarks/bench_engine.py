@@ -29,10 +29,13 @@ class EngineSettings:
     async_scheduling: bool = True
     attention_backend: str | None = None
     seed: int = 0
+    compilation_cache_dir: str | None = None  # None: the engine's default folder
 
     def engine_config(self, model: str, dtype: str | None, max_model_len: int) -> EngineConfig:
         return EngineConfig(
             model=model, dtype=dtype, seed=self.seed, attention_backend=self.attention_backend,
+            **({} if self.compilation_cache_dir is None
+               else {"compilation_cache_dir": self.compilation_cache_dir}),
             cache=CacheConfig(page_size=self.page_size, num_pages=self.num_pages,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching),

@@ -163,34 +163,31 @@ class Server:
 
         deadline = self.started + timeout
         url = self.spec.base_url
-        listening = None
+        body = {"model": SERVED_NAME, "prompt": PROBE_PROMPT, "max_tokens": 1,
+                "temperature": 0.0}
         with httpx.Client(trust_env=False, timeout=httpx.Timeout(timeout, connect=2.0)) as c:
-            while listening is None:
-                self._check_alive()
-                try:
-                    if c.get(f"{url}/health", timeout=5.0).status_code == 200:
-                        listening = time.perf_counter() - self.started
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{self.spec.name}: not listening after {timeout:.0f} s")
-                time.sleep(0.25)
-            body = {"model": SERVED_NAME, "prompt": PROBE_PROMPT, "max_tokens": 1,
-                    "temperature": 0.0}
-            while True:
-                self._check_alive()
-                try:
-                    r = c.post(f"{url}/v1/completions", json=body,
-                               timeout=max(1.0, deadline - time.perf_counter()))
-                    if r.status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{self.spec.name}: no completion after {timeout:.0f} s")
-                time.sleep(0.25)
+            self._poll(lambda: c.get(f"{url}/health", timeout=5.0), deadline, "not listening")
+            listening = time.perf_counter() - self.started
+            self._poll(lambda: c.post(f"{url}/v1/completions", json=body,
+                                      timeout=max(1.0, deadline - time.perf_counter())),
+                       deadline, "no completion")
         return {"listening_s": listening, "first_completion_s": time.perf_counter() - self.started}
+
+    def _poll(self, request, deadline: float, what: str) -> None:
+        """Repeat `request()` until it answers 200, while the server lives, until `deadline`."""
+        import httpx
+
+        while True:
+            self._check_alive()
+            try:
+                if request().status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{self.spec.name}: {what} after "
+                                   f"{deadline - self.started:.0f} s")
+            time.sleep(0.25)
 
     def peak_rss(self) -> dict:
         """VmHWM of the server and of its live descendants (summed: pages they share count

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from jaxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from jaxserve.models import KVCache, build_model  # noqa: E402
 from jaxserve.runner import sampling  # noqa: E402
-from jaxserve.runner.batch import pack_batch  # noqa: E402
+from jaxserve.runner.batch import Buckets, pack_batch  # noqa: E402
 from jaxserve.runner.step import compiled_step  # noqa: E402
 from pallas_kernels import registry  # noqa: E402
 
@@ -77,13 +77,6 @@ def make_step_inputs(seqs, num_tokens, num_slots, pages_per_seq, num_pages):
     return pack_batch(inputs, num_tokens, num_slots, pages_per_seq, PAGE_SIZE, num_pages)
 
 
-def bucket(n: int) -> int:
-    b = 16
-    while b < n:
-        b *= 2
-    return b
-
-
 def timeit(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     best = float("inf")
@@ -101,8 +94,8 @@ def profile(loaded, backend: str, seqs, max_model_len: int, repeats: int) -> dic
     pages_per_seq = -(-max_model_len // PAGE_SIZE)
     num_pages = max(sum(-(-c // PAGE_SIZE) for _, c in seqs), 1) + 1
     num_tokens = sum(q for q, _ in seqs)
-    S = max(1, len(seqs))
-    T = S if num_tokens <= S else max(bucket(num_tokens), S)
+    # the shape the engine would give this step (at the benchmark's limits: 512 tokens, 32 seqs)
+    T, S = Buckets.make(max(512, num_tokens), max(32, len(seqs))).pick(num_tokens, len(seqs))
     batch = jax.tree.map(jnp.asarray, make_step_inputs(seqs, T, S, pages_per_seq, num_pages))
     cache = KVCache.zeros(cfg.num_layers, num_pages, cfg.num_kv_heads, PAGE_SIZE, cfg.head_dim,
                           dtype)

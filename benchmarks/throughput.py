@@ -99,7 +99,8 @@ def parse_args(argv=None):
                         "else measured here)")
     p.add_argument("--bandwidth-gbs", type=float)
     p.add_argument("--tflops", type=float)
-    p.add_argument("--compilation-cache", help="persistent XLA compilation cache folder")
+    p.add_argument("--compilation-cache", help="persistent XLA compilation cache folder "
+                   "(default: the engine's, $XDG_CACHE_HOME/jaxserve/xla)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random model, every workload scaled down 32x, 4 prompts each")
     p.add_argument("--json", help="write the results here")
@@ -140,7 +141,8 @@ def engine_settings(args) -> EngineSettings:
         page_size=args.page_size, num_pages=args.num_pages,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, seed=args.seed,
-        enable_prefix_caching=args.enable_prefix_caching)
+        enable_prefix_caching=args.enable_prefix_caching,
+        compilation_cache_dir=args.compilation_cache)
 
 
 def build(args, max_model_len: int):
@@ -275,8 +277,6 @@ def start_vllm(args, cfg, max_model_len: int, warm, workloads):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
-    if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     scale = 1 / 32 if args.smoke else 1.0
     workloads = [make_workload(c, args.num_prompts, args.seed + 1 + i, scale=scale)
                  for i, c in enumerate(args.workload)]

@@ -26,7 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import check_shapes
+from pallas_kernels.reference import check_operands
 
 # Finite "minus infinity": a fully masked block then leaves the running max and sum unchanged
 # instead of producing inf - inf = NaN.
@@ -82,12 +82,8 @@ def blocked_paged_attention(
     config: BlockedConfig = BlockedConfig(),
 ):  # -> [T, Hq, D] in q.dtype
     del interpret  # plain jnp: the same everywhere
-    check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     T, Hq, D = q.shape
     _, _, Hkv, page_size, _ = k_cache.shape
     S, pages_per_seq = page_indices.shape

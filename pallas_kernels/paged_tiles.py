@@ -5,7 +5,7 @@ query heads of one KV group for a few consecutive tokens of one sequence, flatte
 `rows = tokens * group` rows so that one `pl.dot` serves the whole GQA group (the KV block is read
 once per group, not once per query head). This module holds what they share:
 
-* operand validation (the contract's `check_shapes` plus what the Triton lowering needs),
+* operand validation (the contract's `check_operands` plus what the Triton lowering needs),
 * the q layout change [T, Hq, D] -> [T, Hkv, group, D] (group = q_per_kv padded to a power of 2),
 * the gather of one block of K/V positions straight out of the all-layers cache,
 * one step of the online softmax.
@@ -17,8 +17,6 @@ the kernel. `interpret=True` does not enforce these rules; the CUDA lowering tes
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.experimental.pallas.tpu  # noqa: F401  (see below)
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import check_shapes
+from pallas_kernels.reference import check_operands
 
 # jax.experimental.pallas.tpu is imported for a side effect: on jax 0.11/0.12 the first
 # interpret-mode pallas_call otherwise makes every function jitted before it retrace once, which
@@ -54,32 +52,13 @@ def check_block(name: str, value: int, minimum: int = 16) -> None:
 
 def check_kernel_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                           *, sm_scale, soft_cap, sliding_window) -> None:
-    """The contract's shape checks plus the limits of the Triton kernels, as clear ValueErrors."""
-    check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
+    """The contract's operand checks plus the limits of the Triton kernels, as clear ValueErrors."""
+    check_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     head_dim = q.shape[2]
     if not is_pow2(head_dim) or head_dim < 16:
         raise ValueError(f"the Pallas kernels need head_dim to be a power of 2 >= 16, got "
                          f"{head_dim}; use the 'reference' variant for this model")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ValueError(f"unsupported dtype {q.dtype}: use float32, bfloat16 or float16")
-    if jnp.ndim(layer) != 0:
-        raise ValueError(f"layer must be a scalar i32[], got shape {jnp.shape(layer)}")
-    for name, arr in (("kv_lens", kv_lens), ("page_indices", page_indices),
-                      ("cu_q_lens", cu_q_lens), ("num_seqs", num_seqs)):
-        if not jnp.issubdtype(arr.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array, got {arr.dtype}")
-    if q.shape[0] == 0:
-        raise ValueError("q has no rows; pad the batch to at least one token")
-    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be a finite Python float, got {sm_scale!r}")
-    if soft_cap is not None and not soft_cap > 0:
-        raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap!r}")
-    if sliding_window is not None and (int(sliding_window) != sliding_window
-                                       or sliding_window < 1):
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
 
 
 def group_queries(q, num_kv_heads: int):

@@ -12,6 +12,8 @@ scan over layers without slicing (copying) a layer's cache out for each call.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,32 @@ def check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs
         raise ValueError(f"cu_q_lens must be [{num_seq_slots + 1}], got {cu_q_lens.shape}")
     if num_seqs.shape != (1,):
         raise ValueError(f"num_seqs must be i32[1], got shape {num_seqs.shape}")
+
+
+def check_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                   sm_scale, soft_cap, sliding_window) -> None:
+    """check_shapes plus the dtypes and static settings every compiled variant relies on."""
+    check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"unsupported dtype {q.dtype}: use float32, bfloat16 or float16")
+    if jnp.ndim(layer) != 0:
+        raise ValueError(f"layer must be a scalar i32[], got shape {jnp.shape(layer)}")
+    for name, arr in (("kv_lens", kv_lens), ("page_indices", page_indices),
+                      ("cu_q_lens", cu_q_lens), ("num_seqs", num_seqs)):
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array, got {arr.dtype}")
+    if q.shape[0] == 0:
+        raise ValueError("q has no rows; pad the batch to at least one token")
+    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be a finite Python float, got {sm_scale!r}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0 or None, got {soft_cap!r}")
+    if sliding_window is not None and (int(sliding_window) != sliding_window
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
 
 
 def ragged_paged_attention_reference(

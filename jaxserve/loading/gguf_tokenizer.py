@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxserve.byte_level import byte_to_unicode
+
 # llama.cpp's token types (gguf.TokenType): NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4,
 # UNUSED 5, BYTE 6.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -48,19 +50,6 @@ SUPPORTED_MODELS = ("gpt2", "llama")
 
 class GGUFTokenizerError(ValueError):
     """The tokenizer metadata cannot be built; gguf.py re-raises it as a GGUFError with the path."""
-
-
-def _byte_alphabet() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable character map: printable Latin-1 bytes map to
-    # themselves, the other 68 bytes (controls, space, ...) to U+0100 onwards, in byte order.
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    out = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(0x100 + extra)
-            extra += 1
-    return out
 
 
 def _merges(meta: dict) -> list[tuple[str, str]] | None:
@@ -106,7 +95,7 @@ def _bpe(**kwargs):
 def _byte_level_backend(meta: dict, tokens: list[str]):
     from tokenizers import Regex, decoders, pre_tokenizers
 
-    spell = _byte_alphabet()
+    spell = byte_to_unicode()
     alphabet = set(spell.values())
     # A token outside the byte alphabet is stored as its text; BPE needs its byte spelling.
     vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i

@@ -82,7 +82,7 @@ class ModelRunner:
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.warmup_stats: dict | None = None
-        self._executables: dict = {}  # (T, S, extras, all_logits) -> compiled step
+        self._executables: dict = {}  # StepVariant -> its compiled step
         self.last_host_seconds = 0.0  # packing the last dispatched step
         self.last_wait_seconds = 0.0  # the last fetch, blocked on the device
         self.last_variant: StepVariant | None = None  # of the last dispatched step
@@ -127,8 +127,7 @@ class ModelRunner:
                           file=sys.stderr, disable=not progress, leave=False))
         # what was not compiled ahead compiles by running once (multi-host: the followers
         # compile each step the leader announces)
-        todo = [v for v in variants if (v.num_tokens, v.num_seqs, v.extras, v.all_logits)
-                not in self._executables]
+        todo = [v for v in variants if v not in self._executables]
         for variant in tqdm(todo, desc="compiling step variants", unit="variant",
                             file=sys.stderr, disable=not progress or not todo, leave=False):
             self._run([], variant, [], prompt_targets=None)
@@ -225,16 +224,15 @@ class ModelRunner:
             _EXECUTABLES[key] = self._step.lower(
                 *args, use_penalties=variant.extras, logprobs=variant.extras,
                 all_logits=variant.all_logits).compile()
-        self._executables[(variant.num_tokens, variant.num_seqs, variant.extras,
-                           variant.all_logits)] = _EXECUTABLES[key]
+        self._executables[variant] = _EXECUTABLES[key]
 
     def run_packed(self, batch, md, targets, extras: bool, all_logits: bool):
         """The device part of a step, on host arrays already padded to a bucket. `extras`:
         the variant with token penalties and logprobs."""
         self._num_steps += 1
         args = self._step_args(batch, md, targets, self._num_steps)
-        executable = self._executables.get((len(batch.token_ids), len(batch.kv_lens), extras,
-                                            all_logits))
+        executable = self._executables.get(
+            StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits))
         if executable is not None:
             self.kv_cache, out, self._sampled = executable(*args)
         else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it

@@ -13,25 +13,15 @@ from __future__ import annotations
 import math
 import re
 
+from jaxserve.byte_level import byte_to_unicode
+
 # vLLM clamps -inf to this so that the JSON stays valid (json.dumps would write -Infinity).
 _MIN_LOGPROB = -9999.0
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes->printable-unicode table used by byte-level BPE vocabularies."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return {ch: b for b, ch in table.items()}
-
-
-_BYTE_DECODER = _byte_level_decoder()
+# inverse of the byte-level alphabet: printable character -> byte
+_BYTE_DECODER = {ch: b for b, ch in byte_to_unicode().items()}
 
 
 def clamp(lp: float | None) -> float | None:
