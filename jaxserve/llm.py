@@ -25,7 +25,15 @@ def resolve_attention(name: str | None):
     from pallas_kernels import registry
 
     platform = jax.devices()[0].platform
-    name = name or registry.default_variant(platform)
+    if name is None:
+        name = registry.default_variant(platform)
+        if platform == "cpu" and name != "native":
+            from pallas_kernels import native_decode
+            print(f"warning: attention backend {name}: the native CPU decode kernel is "
+                  f"unavailable ({native_decode.unavailable_reason()})", file=sys.stderr)
+    elif name == "native" and platform != "cpu":
+        from jaxserve.config import ConfigError
+        raise ConfigError(f"--attention-backend native runs on CPU only, not on {platform}")
     fn = registry.get_attention_fn(name)
     if platform == "cpu" and name in registry.pallas_variants():
         import functools

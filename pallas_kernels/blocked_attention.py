@@ -80,7 +80,10 @@ def blocked_paged_attention(
     sliding_window: int | None = None,
     interpret: bool = False,
     config: BlockedConfig = BlockedConfig(),
+    decode_fn=None,
 ):  # -> [T, Hq, D] in q.dtype
+    """decode_fn: None (the jnp loop below) or a function with the contract's signature that
+    returns f32[S, Hq, D], each decode slot's output (q_len == 1), e.g. native_decode.paged_decode."""
     del interpret  # plain jnp: the same everywhere
     check_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                    sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
@@ -138,11 +141,18 @@ def blocked_paged_attention(
         return _online_update(carry, s, mask,
                               lambda p: jnp.einsum("sgqk,sgkd->sgqd", p, v))
 
-    dec_hi = -(-jnp.max(dec_len) // block_k)
-    dec_lo = jnp.min(jnp.where(is_decode, first_block(dec_pos), num_blocks))
-    init = (jnp.full((S, Hkv, G), _MASKED), jnp.zeros((S, Hkv, G)), jnp.zeros((S, Hkv, G, D)))
-    _, denom, acc = jax.lax.fori_loop(jnp.minimum(dec_lo, dec_hi), dec_hi, decode_block, init)
-    dec_out = _finish(denom, acc).reshape(S, Hq, D)
+    if decode_fn is None:
+        dec_hi = -(-jnp.max(dec_len) // block_k)
+        dec_lo = jnp.min(jnp.where(is_decode, first_block(dec_pos), num_blocks))
+        init = (jnp.full((S, Hkv, G), _MASKED), jnp.zeros((S, Hkv, G)),
+                jnp.zeros((S, Hkv, G, D)))
+        _, denom, acc = jax.lax.fori_loop(jnp.minimum(dec_lo, dec_hi), dec_hi, decode_block,
+                                          init)
+        dec_out = _finish(denom, acc).reshape(S, Hq, D)
+    else:
+        dec_out = decode_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens,
+                            num_seqs, sm_scale=sm_scale, soft_cap=soft_cap,
+                            sliding_window=sliding_window)              # f32[S, Hq, D]
 
     # ---- prefill sequences: tiles of block_q rows, one tile at a time ----------------------
     bq = config.block_q

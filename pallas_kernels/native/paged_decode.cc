@@ -1,0 +1,247 @@
+// Paged decode attention for XLA:CPU, as an XLA FFI custom call.
+//
+// Why native code: on CPU, XLA runs a decode step's attention as many small passes (page gather,
+// transpose, mask, tiny batched dots of G ~ 3 query rows), each over the whole live K/V, at a few
+// GB/s. Here each (sequence, kv head) reads its live K/V pages once, in place, straight from the
+// cache: the pages of one head are page_size x D contiguous floats, so the loops stream.
+//
+// Contract (a subset of pallas_kernels/reference.py, see there): sequence slot s < num_seqs with
+// exactly one query row (cu_q_lens[s + 1] - cu_q_lens[s] == 1) is a decode row at position
+// kv_lens[s] - 1; it attends to positions [max(0, pos - window + 1), pos] of its pages. Every
+// other slot's output is zero (the caller computes prefill rows another way). Positions past
+// kv_len, pages not in a live slot's table and other layers are never read.
+//
+//   q            [T, Hq, D]              f32 or bf16
+//   k_cache      [L, P, Hkv, page_size, D]  same dtype as q
+//   v_cache      [L, P, Hkv, page_size, D]
+//   layer        i32[]
+//   kv_lens      i32[S]
+//   page_indices i32[S, pages_per_seq]
+//   cu_q_lens    i32[S + 1]
+//   num_seqs     i32[1]
+//   -> out       f32[S, Hq, D]   the decode row's output per sequence slot (zero elsewhere)
+//   attrs: sm_scale (f32), soft_cap (f32, <= 0: none), sliding_window (i32, <= 0: none)
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float load(float x) { return x; }
+inline float load(uint16_t bf16) {  // bfloat16 is the top half of a float32
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct Problem {
+  int64_t num_pages, hkv, page_size, d, g, hq, pages_per_seq, num_tokens;
+  int64_t layer;
+  const int32_t* kv_lens;
+  const int32_t* page_indices;
+  const int32_t* cu_q_lens;
+  float sm_scale, soft_cap;
+  int32_t sliding_window;
+};
+
+// One (sequence slot, kv head): G query rows against the live context, two passes (scores, then
+// softmax-weighted V), scores kept in `scratch` (G x context floats: tens of KB).
+template <typename T>
+void attend(const Problem& p, const T* q, const T* k, const T* v, float* out, int64_t s,
+            int64_t h, std::vector<float>& scratch) {
+  const int64_t row = p.cu_q_lens[s];
+  const int64_t kv_len = std::min<int64_t>(p.kv_lens[s], p.pages_per_seq * p.page_size);
+  if (p.cu_q_lens[s + 1] - row != 1 || kv_len <= 0 || row < 0 || row >= p.num_tokens) return;
+  const int64_t pos = kv_len - 1;
+  const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+  const int64_t n = kv_len - first;  // keys attended
+  const int64_t G = p.g, D = p.d, ps = p.page_size;
+  scratch.resize(G * n + 2 * G * D);
+  float* scores = scratch.data();       // [G, n]
+  float* qv = scores + G * n;           // [G, D] scaled queries
+  float* acc = qv + G * D;              // [G, D]
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i)
+      qv[g * D + i] = load(q[(row * p.hq + h * G + g) * D + i]) * p.sm_scale;
+  const int32_t* table = p.page_indices + s * p.pages_per_seq;
+  const int64_t head_stride = ps * D;
+  auto page_base = [&](int64_t j) -> int64_t {  // element offset of page j's head h, or -1
+    const int64_t page = table[j];
+    if (page < 0 || page >= p.num_pages) return -1;
+    return ((p.layer * p.num_pages + page) * p.hkv + h) * head_stride;
+  };
+
+  // pass 1: scores[g, t] = q_g . k_t
+  for (int64_t j = first / ps; j * ps < kv_len; ++j) {
+    const int64_t base = page_base(j);
+    const int64_t t0 = std::max(first, j * ps), t1 = std::min(kv_len, (j + 1) * ps);
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* kt = k + base + (t - j * ps) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = -INFINITY;  // a page outside the pool: no weight (never expected)
+        if (base >= 0) {
+          dot = 0.f;
+          const float* qg = qv + g * D;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < D; ++i) dot += qg[i] * load(kt[i]);
+        }
+        scores[g * n + (t - first)] = dot;
+      }
+    }
+  }
+  // softmax per query row (exact: max first, then exp and sum)
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    if (p.soft_cap > 0)
+      for (int64_t t = 0; t < n; ++t) sg[t] = p.soft_cap * std::tanh(sg[t] / p.soft_cap);
+    float m = sg[0];
+    for (int64_t t = 1; t < n; ++t) m = std::max(m, sg[t]);
+    if (m == -INFINITY) m = 0.f;  // every key invalid: all weights exp(-inf) = 0
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      sum += sg[t];
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+  }
+  // pass 2: acc[g] = sum_t p[g, t] v_t
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t j = first / ps; j * ps < kv_len; ++j) {
+    const int64_t base = page_base(j);
+    if (base < 0) continue;
+    const int64_t t0 = std::max(first, j * ps), t1 = std::min(kv_len, (j + 1) * ps);
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* vt = v + base + (t - j * ps) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float w = scores[g * n + (t - first)];
+        float* ag = acc + g * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) ag[i] += w * load(vt[i]);
+      }
+    }
+  }
+  std::memcpy(out + (s * p.hq + h * G) * D, acc, sizeof(float) * G * D);
+}
+
+// Runs body(i) for i in [0, n) on the caller and up to `workers` pool threads. Items are claimed
+// from a shared counter, so the caller never waits on a task that has not started (XLA may call
+// us from one of the pool's own threads); a late task finds nothing left and returns.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t workers, int64_t n, F body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t total = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->total = n;
+  auto work = [state, body]() {
+    int64_t i;
+    while ((i = state->next.fetch_add(1)) < state->total) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == state->total) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t w = 0; w < std::min(workers, n - 1); ++w) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
+}
+
+template <typename T>
+void run(const Problem& p, int64_t live, const void* q, const void* k, const void* v, float* out,
+         ffi::ThreadPool& pool) {
+  const int64_t items = live * p.hkv;
+  const int64_t workers = std::max<int64_t>(pool.num_threads(), 1) - 1;
+  auto body = [&p, q, k, v, out](int64_t i) {
+    thread_local std::vector<float> scratch;
+    attend(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), out,
+           i / p.hkv, i % p.hkv, scratch);
+  };
+  if (items > 0) parallel_for(pool, workers, items, body);
+}
+
+ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+                           ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+                           ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap,
+                           int32_t sliding_window) {
+  auto qd = q.dimensions(), kd = k_cache.dimensions(), pd = page_indices.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("paged_decode: q must be rank 3, caches rank 5, "
+                                       "page_indices rank 2");
+  if (q.element_type() != k_cache.element_type() || q.element_type() != v_cache.element_type())
+    return ffi::Error::InvalidArgument("paged_decode: q and the caches must share one dtype");
+  Problem p;
+  p.num_tokens = qd[0];
+  p.hq = qd[1];
+  p.d = qd[2];
+  p.num_pages = kd[1];
+  p.hkv = kd[2];
+  p.page_size = kd[3];
+  p.g = p.hq / p.hkv;
+  p.pages_per_seq = pd[1];
+  const int64_t slots = pd[0];
+  p.layer = layer.typed_data()[0];
+  if (p.layer < 0 || p.layer >= kd[0] || kd[4] != p.d || p.hq % p.hkv)
+    return ffi::Error::InvalidArgument("paged_decode: layer out of range or shapes disagree");
+  p.kv_lens = kv_lens.typed_data();
+  p.page_indices = page_indices.typed_data();
+  p.cu_q_lens = cu_q_lens.typed_data();
+  p.sm_scale = sm_scale;
+  p.soft_cap = soft_cap;
+  p.sliding_window = sliding_window;
+  const int64_t live = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, slots);
+  float* o = out->typed_data();
+  std::memset(o, 0, sizeof(float) * slots * p.hq * p.d);
+  switch (q.element_type()) {
+    case ffi::F32:
+      run<float>(p, live, q.untyped_data(), k_cache.untyped_data(), v_cache.untyped_data(), o,
+                 pool);
+      break;
+    case ffi::BF16:
+      run<uint16_t>(p, live, q.untyped_data(), k_cache.untyped_data(), v_cache.untyped_data(), o,
+                    pool);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("paged_decode: dtype must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecode, PagedDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int32_t>("sliding_window"));
