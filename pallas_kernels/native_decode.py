@@ -34,7 +34,10 @@ from pallas_kernels.reference import check_operands
 
 TARGET = "jaxserve_paged_decode"
 _SOURCE = Path(__file__).with_name("native") / "paged_decode.cc"
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
+# -ffast-math lets the dot products and sums vectorize (reassociation); infinities stay exact
+# (-fno-finite-math-only): the kernel relies on -inf as "no key" (measured: 1.9 -> 1.25 ms for one
+# layer of a 32-sequence decode, with the vectorizable exp in the source)
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd",
           "-std=c++17", "-shared", "-fPIC", "-w")
 _BUILD_TIMEOUT_S = 300
 
