@@ -82,7 +82,8 @@ class ModelRunner:
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.warmup_stats: dict | None = None
-        self._executables: dict = {}  # StepVariant -> its compiled step
+        self._executables: dict = {}  # StepVariant -> its compiled (forward, sampler)
+        self._num_programs = 0  # distinct compiled programs behind the variants
         self.last_host_seconds = 0.0  # packing the last dispatched step
         self.last_wait_seconds = 0.0  # the last fetch, blocked on the device
         self.last_variant: StepVariant | None = None  # of the last dispatched step
@@ -118,13 +119,10 @@ class ModelRunner:
         start = time.perf_counter()
         hits0, misses0 = cache_counts()
         if not self.multihost:
-            # XLA compiles outside the GIL: compile (or load from the persistent cache) every
-            # variant on all cores first; the warm-up runs below then only execute them
+            # compile (or load from the persistent cache) every program on all cores first;
+            # the warm-up runs below then only execute them
             workers = max(1, min(len(os.sched_getaffinity(0)), 8))
-            with ThreadPoolExecutor(workers) as pool:
-                list(tqdm(pool.map(self._precompile, variants), total=len(variants),
-                          desc=f"compiling step variants ({workers} threads)", unit="variant",
-                          file=sys.stderr, disable=not progress, leave=False))
+            self._precompile(variants, workers, progress)
         # what was not compiled ahead compiles by running once (multi-host: the followers
         # compile each step the leader announces)
         todo = [v for v in variants if v not in self._executables]
@@ -141,7 +139,8 @@ class ModelRunner:
             where = (f"{hits - hits0} loaded from the compilation cache {cache_dir}, "
                      f"{misses - misses0} compiled" if cache_dir else
                      "compilation cache off")
-            print(f"warm-up: {len(variants)} step variants in "
+            programs = f" ({self._num_programs} programs)" if self._num_programs else ""
+            print(f"warm-up: {len(variants)} step variants{programs} in "
                   f"{self.warmup_stats['seconds']:.1f}s ({where})", file=sys.stderr)
 
     def compiles_since_warmup(self) -> int:
@@ -187,7 +186,9 @@ class ModelRunner:
         md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size,
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len)
-        targets = np.zeros(t, np.int32)
+        # prompt-logprob targets per token row; other variants' samplers never read them, and a
+        # [1] placeholder keeps one sampler per S for all their token buckets
+        targets = np.zeros(t if variant.all_logits else 1, np.int32)
         if prompt_targets is not None:
             flat = [tok for per_seq in prompt_targets for tok in per_seq]
             targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
@@ -203,41 +204,74 @@ class ModelRunner:
                              variant.all_logits)
         return self.run_packed(batch, md, targets, variant.extras, variant.all_logits)
 
-    def _step_args(self, batch, md, targets, step_index: int) -> tuple:
+    def _step_args(self, batch, md, targets, step_index: int):
+        """Device arguments of one step: (forward's, sampler's without the logits)."""
         sp = self.sharding_plan
-        return (self.params, self.kv_cache, sp.put_batch(batch), sp.put_replicated(md),
-                self._key, sp.put_replicated(np.uint32(step_index)), sp.put_replicated(targets),
-                self._sampled)
+        batch = sp.put_batch(batch)
+        forward = (self.params, self.kv_cache, batch, self._sampled)
+        sample = (batch.cu_q_lens, sp.put_replicated(md), self._key,
+                  sp.put_replicated(np.uint32(step_index)), sp.put_replicated(targets),
+                  self._sampled)
+        return forward, sample
 
-    def _executable_key(self, variant: StepVariant, args: tuple):
+    @staticmethod
+    def _shapes_key(fn, statics, args) -> tuple:
         leaves = jax.tree.leaves(args)
-        return (self._step, variant, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
-                                           for x in leaves))
+        return (fn, statics, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+                                   for x in leaves))
 
-    def _precompile(self, variant: StepVariant) -> None:
-        """Lower and compile one variant without running it; the executable is kept (shared
-        by every runner of the process with the same shapes) and run by `run_packed`."""
+    def _compile_jobs(self, variant: StepVariant) -> list:
+        """(key, compile thunk) for the two programs of a variant; variants that share a
+        program (same shapes) share its key, so it compiles once."""
         batch, md, targets = self._pack([], variant, [], None)
-        args = self._step_args(batch, md, targets, 0)
-        key = self._executable_key(variant, args)
-        if key not in _EXECUTABLES:
-            _EXECUTABLES[key] = self._step.lower(
-                *args, use_penalties=variant.extras, logprobs=variant.extras,
-                all_logits=variant.all_logits).compile()
-        self._executables[variant] = _EXECUTABLES[key]
+        fwd_args, sample_args = self._step_args(batch, md, targets, 0)
+        n = len(batch.logits_indices)
+        logits = jax.ShapeDtypeStruct((n, self.vocab_size), np.float32,
+                                      sharding=self.sharding_plan.replicated())
+        statics = dict(use_penalties=variant.extras, logprobs=variant.extras,
+                       all_logits=variant.all_logits)
+        fwd, sample = self._step.forward, self._step.sample
+        return [
+            (self._shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
+            (self._shapes_key(sample, tuple(statics.items()), (logits, *sample_args)),
+             lambda: sample.lower(logits, *sample_args, **statics).compile()),
+        ]
+
+    def _precompile(self, variants: list[StepVariant], workers: int, progress: bool) -> None:
+        """Lower and compile every variant's programs without running them, each distinct one
+        once, on `workers` threads (XLA compiles outside the GIL); the executables are kept
+        (shared by every runner of the process with the same shapes) and run by run_packed."""
+        jobs = {v: self._compile_jobs(v) for v in variants}
+        todo = {key: thunk for pair in jobs.values() for key, thunk in pair
+                if key not in _EXECUTABLES}
+
+        def compile_one(item):
+            key, thunk = item
+            _EXECUTABLES[key] = thunk()
+        with ThreadPoolExecutor(workers) as pool:
+            list(tqdm(pool.map(compile_one, todo.items()), total=len(todo),
+                      desc=f"compiling step programs ({workers} threads)", unit="program",
+                      file=sys.stderr, disable=not progress, leave=False))
+        for v, pair in jobs.items():
+            self._executables[v] = tuple(_EXECUTABLES[key] for key, _ in pair)
+        self._num_programs = len({key for pair in jobs.values() for key, _ in pair})
 
     def run_packed(self, batch, md, targets, extras: bool, all_logits: bool):
         """The device part of a step, on host arrays already padded to a bucket. `extras`:
         the variant with token penalties and logprobs."""
         self._num_steps += 1
-        args = self._step_args(batch, md, targets, self._num_steps)
-        executable = self._executables.get(
+        fwd_args, sample_args = self._step_args(batch, md, targets, self._num_steps)
+        executables = self._executables.get(
             StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits))
-        if executable is not None:
-            self.kv_cache, out, self._sampled = executable(*args)
+        if executables is not None:
+            forward, sample = executables
+            self.kv_cache, logits = forward(*fwd_args)
+            out, self._sampled = sample(logits, *sample_args)
         else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it
-            self.kv_cache, out, self._sampled = self._step(
-                *args, use_penalties=extras, logprobs=extras, all_logits=all_logits)
+            self.kv_cache, logits = self._step.forward(*fwd_args)
+            out, self._sampled = self._step.sample(
+                logits, *sample_args, use_penalties=extras, logprobs=extras,
+                all_logits=all_logits)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out

@@ -1,8 +1,10 @@
 """The pure jitted step: forward over the ragged batch, then sample one token per sequence.
 
 step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets, prev_sampled)
-    -> (kv_cache, StepOutput, sampled); the cache is donated. The step's randomness is
-fold_in(base_key, step_index), derived on the device: no host-side key split per step.
+    -> (kv_cache, StepOutput, sampled); the cache is donated. It runs as two programs (see
+StepFunctions): the forward, then the sampler on its logits, both queued without a host wait.
+The step's randomness is fold_in(base_key, step_index), derived on the device: no host-side key
+split per step.
 Only shapes and three flags are static; everything a request sets is an array. The flags are
 the step's variant: `use_penalties` (token-history penalties), `logprobs` (log_softmax and the
 top-20 of the sampled rows; off, a step computes no logprob at all) and `all_logits` (prompt
@@ -18,6 +20,7 @@ it back never adds a compiled shape.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +44,22 @@ class StepOutput:
     prompt_top_logprobs: jnp.ndarray | None = None   # f32[T, K]
 
 
-def _step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets,
-          prev_sampled, *, forward, use_penalties: bool, logprobs: bool, all_logits: bool):
-    key = jax.random.fold_in(base_key, step_index)
+def _forward(params, kv_cache, batch, prev_sampled, *, forward):
+    """The model part of a step: (kv_cache, logits f32[N, V]) for the rows batch.logits_indices."""
     ids = batch.token_ids  # i32[T]
     from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]  # prev_sampled: i32[S_max]
     batch = batch.replace(token_ids=jnp.where(ids < 0, from_device, ids))
-    kv_cache, logits = forward(params, kv_cache, batch)  # [N, V]
+    return forward(params, kv_cache, batch)
+
+
+def _sample(logits, cu_q_lens, sampling_md, base_key, step_index, prompt_targets, prev_sampled,
+            *, use_penalties: bool, logprobs: bool, all_logits: bool):
+    """The sampling part: (StepOutput, sampled i32[S_max]). logits f32[N, V]: N = S, or T with
+    all_logits (prompt logprobs), where the last row of each sequence is the one sampled."""
+    key = jax.random.fold_in(base_key, step_index)
     prompt = {}
     if all_logits:
-        # logits for every row; the last row of each sequence is the one sampled from
-        last_rows = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)
+        last_rows = jnp.maximum(cu_q_lens[1:] - 1, 0)
         logprobs_all = jax.nn.log_softmax(logits, axis=-1)  # [T, V]
         top_lp, top_ids = jax.lax.top_k(logprobs_all, MAX_TOP_LOGPROBS)
         target_lp = jnp.take_along_axis(logprobs_all, prompt_targets[:, None], axis=-1)[:, 0]
@@ -61,18 +69,47 @@ def _step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_tar
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
                           use_penalties=use_penalties, logprobs=logprobs)
     sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
-    return kv_cache, StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
-                                top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
-                                **prompt), sampled
+    return StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
+                      top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
+                      **prompt), sampled
+
+
+SAMPLE_STATICS = ("use_penalties", "logprobs", "all_logits")
+
+
+class StepFunctions(NamedTuple):
+    """A step as two jitted programs. The forward's shape is the bucket (T, S, N) and its
+    sampler's only (N, S) and the variant's flags, so plain and extras variants of one bucket
+    share a compiled forward, and every bucket with S slots shares one plain sampler: at
+    warm-up that is about half the compile time of one program per variant (the sampler's
+    filters and Gumbel noise compile in ~1.4 s on CPU, as long as a forward)."""
+    forward: Callable  # (params, kv_cache, batch, prev_sampled) -> (kv_cache, logits f32[N, V])
+    sample: Callable   # (logits, cu_q_lens, md, base_key, step_index, prompt_targets,
+    #                     prev_sampled, *, use_penalties, logprobs, all_logits)
+    #                  -> (StepOutput, sampled i32[S_max])
+
+    def __call__(self, params, kv_cache, batch, sampling_md, base_key, step_index,
+                 prompt_targets, prev_sampled, **statics):
+        """The whole step: -> (kv_cache, StepOutput, sampled); the cache is donated."""
+        kv_cache, logits = self.forward(params, kv_cache, batch, prev_sampled)
+        out, sampled = self.sample(logits, batch.cu_q_lens, sampling_md, base_key, step_index,
+                                   prompt_targets, prev_sampled, **statics)
+        return kv_cache, out, sampled
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None):
-    """One jitted step per (model config, attention function, shardings), shared by every
+def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None) -> StepFunctions:
+    """The jitted step per (model config, attention function, shardings), shared by every
     engine in the process, so tests and restarts that rebuild an engine reuse compiled
-    executables. Pinning the cache's output sharding keeps donation in place on a mesh."""
+    executables. out_shardings = (kv_cache's, replicated, replicated): pinning the cache's
+    keeps donation in place on a mesh; logits and outputs are replicated."""
     model = build_model(cfg, attention_fn)
-    fn = functools.partial(_step, forward=model.forward)
-    extra = {} if out_shardings is None else {"out_shardings": out_shardings}
-    return jax.jit(fn, donate_argnums=(1,), static_argnames=("use_penalties", "logprobs", "all_logits"),
-                   **extra)
+    fwd_extra, sample_extra = {}, {}
+    if out_shardings is not None:
+        cache_sharding, replicated, _ = out_shardings
+        fwd_extra = {"out_shardings": (cache_sharding, replicated)}
+        sample_extra = {"out_shardings": (replicated, replicated)}
+    forward = jax.jit(functools.partial(_forward, forward=model.forward), donate_argnums=(1,),
+                      **fwd_extra)
+    sample = jax.jit(_sample, static_argnames=SAMPLE_STATICS, **sample_extra)
+    return StepFunctions(forward, sample)
