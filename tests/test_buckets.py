@@ -25,7 +25,9 @@ def test_decode_steps_stay_small_and_prefill_steps_use_two_seq_buckets():
     assert b.pick(1, 1) == (1, 1)
     assert b.pick(30, 30) == (32, 32)
     assert b.prefill_seq_buckets == (4, 32)
-    assert b.pick(300, 1) == (512, 4)
-    assert b.pick(300, 5) == (512, 32)
-    # 4 decode shapes + (16, 4), (32, 4) + (t, 4) and (t, 32) for t in 64..512
-    assert len(b.all_shapes()) == 14
+    assert b.pick(300, 1) == (384, 4)
+    assert b.pick(300, 5) == (384, 32)
+    # 4 decode shapes + (16, 4), (24, 4), (32, 4) + (t, 4) and (t, 32) for t in 48..512
+    assert b.token_buckets == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert len(b.all_shapes()) == 23
+    assert b.pick(135, 8) == (192, 32)  # a 128-token prompt + 7 decodes: 192 rows, not 256
