@@ -24,6 +24,7 @@ class EngineSettings:
     max_num_batched_tokens: int = 2048
     page_size: int = 16
     num_pages: int | None = None
+    kv_cache_memory_bytes: int | None = None  # CPU KV budget (None: the engine's default)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
@@ -37,6 +38,7 @@ class EngineSettings:
             **({} if self.compilation_cache_dir is None
                else {"compilation_cache_dir": self.compilation_cache_dir}),
             cache=CacheConfig(page_size=self.page_size, num_pages=self.num_pages,
+                              kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,

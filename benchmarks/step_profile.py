@@ -12,9 +12,10 @@ chunk, a mixed step), then times, each as its own jitted function on the same in
   sampler     sampling alone on the step's logits
 
 Times are the minimum of --repeats runs (a shared machine only ever adds time). Attention
-backends can be compared in one run (--backends blocked reference).
+backends can be compared in one run (--backends native blocked reference; default: the
+platform's default backend).
 
-    python benchmarks/step_profile.py --model default --backends blocked reference
+    python benchmarks/step_profile.py --model default --backends native blocked
     python benchmarks/step_profile.py --model-config tiny --smoke
 """
 
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF folder or .gguf; 'default' = the embedded SmolLM2")
     src.add_argument("--model-config", help="random weights at a built-in shape (e.g. tiny)")
-    p.add_argument("--backends", nargs="+", default=["blocked"])
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="attention variants (default: the platform's default variant)")
     p.add_argument("--max-model-len", type=int, default=1536)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scenarios", nargs="*", default=None, help="subset of scenario names")
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     print(f"{'scenario':<20} {'backend':<10} {'T':>4} {'S':>3} " +
           " ".join(f"{c:>12}" for c in cols) + "   (ms)")
     for name, seqs in cases.items():
-        for backend in args.backends:
+        for backend in args.backends or [registry.default_variant(jax.devices()[0].platform)]:
             r = profile(loaded, backend, seqs, args.max_model_len, repeats)
             results[f"{name}/{backend}"] = r
             print(f"{name:<20} {backend:<10} {r['T']:>4} {r['S']:>3} " +

@@ -89,7 +89,8 @@ def parse_args(argv=None):
                    "folder and prompts")
     p.add_argument("--vllm-python", default=vllm_peer.default_vllm_python(),
                    help="python of vLLM's venv (default: $VLLM_PYTHON or ../vllm_venv)")
-    p.add_argument("--vllm-kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--vllm-kv-cache-gib", type=int, default=2,
+                   help="KV cache GiB of both engines side by side (vLLM: VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--vllm-block-size", type=int, default=None,
                    help="default: --page-size rounded up to vLLM CPU's multiple of 32")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=JSON",
@@ -139,6 +140,8 @@ def engine_settings(args) -> EngineSettings:
     return EngineSettings(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, num_pages=args.num_pages,
+        # side by side, both engines get the same KV cache memory (vLLM's VLLM_CPU_KVCACHE_SPACE)
+        kv_cache_memory_bytes=args.vllm_kv_cache_gib * 2**30 if args.compare_vllm else None,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
