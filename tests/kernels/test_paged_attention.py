@@ -11,6 +11,7 @@ garbage in unused slots; outputs must be finite and padding rows exactly zero.
 from __future__ import annotations
 
 import inspect
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,8 @@ def test_configs_reject_triton_incompatible_tiles():
 def test_registry():
     names = registry.available_variants()
     assert {"reference", "blocked", "pallas_ragged", "pallas_splitk_decode"} <= set(names)
-    assert registry.default_variant("cpu") == "native"  # this machine has a C++ compiler
+    # "native" needs a C++ compiler (test_native_decode.py checks the fallback without one)
+    assert registry.default_variant("cpu") == ("native" if shutil.which("c++") else "blocked")
     assert set(registry.pallas_variants()) == set(names) - {"reference", "blocked", "native"}
     assert registry.default_variant("gpu") in names
     with pytest.raises(ValueError, match="unknown attention variant"):
