@@ -45,6 +45,10 @@ class StepVariant(NamedTuple):
     extras: bool      # token penalties and logprobs of the sampled tokens
     all_logits: bool  # prompt logprobs: every row's logits (implies extras)
 
+    def sample_statics(self) -> dict:
+        """The sampler program's static arguments for this variant."""
+        return dict(use_penalties=self.extras, logprobs=self.extras, all_logits=self.all_logits)
+
 
 class ModelRunner:
     def __init__(self, loaded, config: EngineConfig, max_model_len: int, attention_fn,
@@ -228,8 +232,7 @@ class ModelRunner:
         n = len(batch.logits_indices)
         logits = jax.ShapeDtypeStruct((n, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
-        statics = dict(use_penalties=variant.extras, logprobs=variant.extras,
-                       all_logits=variant.all_logits)
+        statics = variant.sample_statics()
         fwd, sample = self._step.forward, self._step.sample
         return [
             (self._shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
@@ -261,17 +264,16 @@ class ModelRunner:
         the variant with token penalties and logprobs."""
         self._num_steps += 1
         fwd_args, sample_args = self._step_args(batch, md, targets, self._num_steps)
-        executables = self._executables.get(
-            StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits))
+        variant = StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits)
+        executables = self._executables.get(variant)
         if executables is not None:
             forward, sample = executables
             self.kv_cache, logits = forward(*fwd_args)
             out, self._sampled = sample(logits, *sample_args)
         else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it
             self.kv_cache, logits = self._step.forward(*fwd_args)
-            out, self._sampled = self._step.sample(
-                logits, *sample_args, use_penalties=extras, logprobs=extras,
-                all_logits=all_logits)
+            out, self._sampled = self._step.sample(logits, *sample_args,
+                                                   **variant.sample_statics())
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out
