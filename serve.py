@@ -27,7 +27,8 @@ def engine_config_from(server_config):
     return EngineConfig(
         compilation_cache_dir=cache_dir,
         model=server_config.model, dtype=server_config.dtype, seed=server_config.seed,
-        attention_backend=backend, tensor_parallel_size=server_config.tensor_parallel_size,
+        attention_backend=backend, linear_backend=server_config.linear_backend,
+        tensor_parallel_size=server_config.tensor_parallel_size,
         sharding_config=server_config.sharding_config,
         cache=CacheConfig(page_size=server_config.page_size, num_pages=server_config.num_pages,
                           kv_cache_memory_bytes=server_config.kv_cache_memory,

@@ -29,12 +29,14 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     async_scheduling: bool = True
     attention_backend: str | None = None
+    linear_backend: str | None = None
     seed: int = 0
     compilation_cache_dir: str | None = None  # None: the engine's default folder
 
     def engine_config(self, model: str, dtype: str | None, max_model_len: int) -> EngineConfig:
         return EngineConfig(
             model=model, dtype=dtype, seed=self.seed, attention_backend=self.attention_backend,
+            linear_backend=self.linear_backend,
             **({} if self.compilation_cache_dir is None
                else {"compilation_cache_dir": self.compilation_cache_dir}),
             cache=CacheConfig(page_size=self.page_size, num_pages=self.num_pages,

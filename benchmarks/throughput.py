@@ -70,6 +70,7 @@ def parse_args(argv=None):
                    default=None, help="default: on, off with --compare-vllm (on both sides)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default=None)
+    p.add_argument("--linear-backend", default=None, choices=("auto", "native", "xla"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
                    help="async: prepare step N+1 while step N runs (default); sync: one step at "
@@ -143,7 +144,8 @@ def engine_settings(args) -> EngineSettings:
         # side by side, both engines get the same KV cache memory (vLLM's VLLM_CPU_KVCACHE_SPACE)
         kv_cache_memory_bytes=args.vllm_kv_cache_gib * 2**30 if args.compare_vllm else None,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend, seed=args.seed,
+        attention_backend=args.attention_backend, linear_backend=args.linear_backend,
+        seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
         compilation_cache_dir=args.compilation_cache)
 

@@ -62,6 +62,9 @@ class EngineConfig:
     dtype: str | None = None              # None: the checkpoint's dtype
     seed: int = 0
     attention_backend: str | None = None  # None: the fastest correct variant for the platform
+    # the layers' matmuls: "native" (CPU kernel on panel-packed float32 weights, see
+    # jaxserve/models/linear.py) or "xla"; None: native where it applies, else xla
+    linear_backend: str | None = None
     tensor_parallel_size: int = 1
     sharding_config: str | None = None
     cache: CacheConfig = CacheConfig()
@@ -74,6 +77,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.linear_backend not in (None, "auto", "native", "xla"):
+            raise ConfigError(f"--linear-backend must be auto, native or xla, got "
+                              f"{self.linear_backend!r}")
         if self.compilation_cache_dir is not None and not self.compilation_cache_dir.strip():
             raise ConfigError("--compilation-cache-dir must not be empty (use "
                               "--no-compilation-cache to turn the cache off)")

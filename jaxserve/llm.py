@@ -102,7 +102,8 @@ class LLM:
                  max_num_batched_tokens: int = 256, page_size: int = 16,
                  num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 attention_backend: str | None = None, tensor_parallel_size: int = 1,
+                 attention_backend: str | None = None, linear_backend: str | None = None,
+                 tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
                  compilation_cache_dir: str | None | object = "default", warmup: bool = True):
         """compilation_cache_dir: the persistent XLA cache folder ("default":
@@ -113,7 +114,8 @@ class LLM:
         cache_dir = ({} if compilation_cache_dir == "default"
                      else {"compilation_cache_dir": compilation_cache_dir})
         self.config = EngineConfig(
-            model=model, dtype=dtype, seed=seed, attention_backend=attention_backend, **cache_dir,
+            model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
+            linear_backend=linear_backend, **cache_dir,
             tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,

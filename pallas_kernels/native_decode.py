@@ -7,110 +7,28 @@ once, in place, on XLA's intra-op thread pool (~9 GB/s on the same machine). It 
 decode rows (q_len == 1); the "native" variant of the registry pairs it with the blocked jnp
 path for prefill tiles, whose dots are large enough for XLA to run well.
 
-The source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) against
-the headers of the installed jaxlib, into `$XDG_CACHE_HOME/jaxserve/native` keyed by the source,
-the jaxlib version, the flags and the CPU (the build uses -march=native), so it happens once per
-machine and jaxlib. No compiler, or a failed build: `unavailable_reason()` says why and the
-registry's CPU default falls back to "blocked".
+The source is built on first use (see native_build.py); no compiler, or a failed build:
+`unavailable_reason()` says why and the registry's CPU default falls back to "blocked".
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import native_build
+from pallas_kernels.native_build import NativeBuildError  # noqa: F401  (re-exported)
 from pallas_kernels.reference import check_operands
 
 TARGET = "jaxserve_paged_decode"
-_SOURCE = Path(__file__).with_name("native") / "paged_decode.cc"
-# -ffast-math lets the dot products and sums vectorize (reassociation); infinities stay exact
-# (-fno-finite-math-only): the kernel relies on -inf as "no key" (measured: 1.9 -> 1.25 ms for one
-# layer of a 32-sequence decode, with the vectorizable exp in the source)
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd",
-          "-std=c++17", "-shared", "-fPIC", "-w")
-_BUILD_TIMEOUT_S = 300
 
 
-class NativeBuildError(RuntimeError):
-    """The native decode kernel could not be built or loaded on this machine."""
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxserve" / "native"
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's feature flags (a cached build must match them)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX") or "c++"
-    path = shutil.which(cxx)
-    if path is None:
-        raise NativeBuildError(f"no C++ compiler found ({cxx!r} is not on PATH; set CXX)")
-    return path
-
-
-def _build() -> Path:
-    """Compile the kernel (once per source, jaxlib, flags and CPU) and return the library path."""
-    import jaxlib
-
-    cxx = _compiler()
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([
-        source, jaxlib.__version__.encode(), " ".join(_FLAGS).encode(), cxx.encode(),
-        _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
-    out = _cache_dir() / f"paged_decode-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build into a temporary name and rename: concurrent first starts never load half a file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise NativeBuildError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, out)
-    except subprocess.TimeoutExpired:
-        raise NativeBuildError(f"compiling {_SOURCE.name} took over {_BUILD_TIMEOUT_S} s") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
 def _load() -> str | None:
     """Build, load and register the FFI target; None on success, else the reason it failed."""
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxservePagedDecode),
-                                    platform="cpu")
-    except (NativeBuildError, OSError, AttributeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+    return native_build.load_target("paged_decode.cc", "JaxservePagedDecode", TARGET)
 
 
 def unavailable_reason() -> str | None:

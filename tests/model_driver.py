@@ -11,16 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models import ForwardBatch, KVCache, build_model
+from jaxserve.models.linear import pack_layer_matrices
 from pallas_kernels.reference import ragged_paged_attention_reference
 
 PAGE_SIZE = 8
 
 
 class SingleSequenceDriver:
-    def __init__(self, loaded, max_len: int = 128, attention_fn=ragged_paged_attention_reference):
+    def __init__(self, loaded, max_len: int = 128, attention_fn=ragged_paged_attention_reference,
+                 packed_matrices: bool = False):
+        """packed_matrices: the layer matrices in the native CPU matmul's panels (float32)."""
         cfg = loaded.config
         self.cfg = cfg
         self.params = jax.tree.map(jnp.asarray, loaded.params)
+        if packed_matrices:
+            self.params = pack_layer_matrices(self.params)
         self.model = build_model(cfg, attention_fn)
         self.num_pages = -(-max_len // PAGE_SIZE)
         self.dtype = self.params["embed"].dtype

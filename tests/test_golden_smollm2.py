@@ -8,6 +8,10 @@ from transformers import AutoModelForCausalLM
 
 from jaxserve.loading import load_model
 from model_driver import SingleSequenceDriver
+from pallas_kernels import native_matmul
+
+needs_native_matmul = pytest.mark.skipif(not native_matmul.is_available(),
+                                         reason="no C++ compiler for the native matmul")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Here is a short poem about the sea:\n"]
@@ -28,9 +32,10 @@ def test_config_is_smollm2(smollm2):
             cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 64, 49152, True)
 
 
-def test_greedy_tokens_match_transformers(smollm2):
+@pytest.mark.parametrize("linear", ["xla", pytest.param("native", marks=needs_native_matmul)])
+def test_greedy_tokens_match_transformers(smollm2, linear):
     loaded, hf = smollm2
-    driver = SingleSequenceDriver(loaded, max_len=64)
+    driver = SingleSequenceDriver(loaded, max_len=64, packed_matrices=linear == "native")
     texts = []
     for prompt in PROMPTS:
         ids = loaded.tokenizer.encode(prompt)

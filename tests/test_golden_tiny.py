@@ -10,6 +10,10 @@ from transformers import AutoModelForCausalLM
 from checkpoints.make_tiny_model import VARIANTS
 from jaxserve.loading import load_model
 from model_driver import SingleSequenceDriver
+from pallas_kernels import native_matmul
+
+needs_native_matmul = pytest.mark.skipif(not native_matmul.is_available(),
+                                         reason="no C++ compiler for the native matmul")
 
 PROMPTS = ["The", "The quick brown fox jumps over", "Once upon a time there was a small model",
            "def main():\n    print(\"hello world\")\n    return 42\nThe capital of France is"]
@@ -22,12 +26,13 @@ def _hf_model(path, dtype=torch.float32):
     return model
 
 
+@pytest.mark.parametrize("linear", ["xla", pytest.param("native", marks=needs_native_matmul)])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_prefill_logits_and_greedy_tokens_match_transformers(tiny_model_dir, variant):
+def test_prefill_logits_and_greedy_tokens_match_transformers(tiny_model_dir, variant, linear):
     path = tiny_model_dir(variant)
     loaded = load_model(path)
     assert loaded.config.architecture == VARIANTS[variant][0]
-    driver = SingleSequenceDriver(loaded)
+    driver = SingleSequenceDriver(loaded, packed_matrices=linear == "native")
     hf = _hf_model(path)
     for prompt in PROMPTS:
         ids = loaded.tokenizer.encode(prompt)

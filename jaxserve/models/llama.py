@@ -14,6 +14,8 @@ Parameter pytree (HF [out, in] matrices stored transposed as [in, out]):
       q_bias [L, Hq*D]  k_bias/v_bias [L, Hkv*D]            (Qwen2)
       q_norm [L, D]  k_norm [L, D]                           (Qwen3)
       gate_proj [L, H, F]  up_proj [L, H, F]  down_proj [L, F, H]
+The seven matrix stacks may instead be linear.PackedStack (the native CPU matmul's panels):
+those are read in place by the layer scan instead of being sliced, see linear.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxserve.models.batch import ForwardBatch, KVCache
 from jaxserve.models.config import ModelConfig
+from jaxserve.models.linear import LayerWeights, split_layers
 from jaxserve.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # attention_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -63,9 +66,9 @@ def _attention_block(cfg, attention_fn, lp, h, cos, sin, k_cache, v_cache, layer
     T = h.shape[0]
     D = cfg.head_dim
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-    q = x @ lp["q_proj"]  # [T, Hq*D]
-    k = x @ lp["k_proj"]  # [T, Hkv*D]
-    v = x @ lp["v_proj"]
+    q = lp.matmul(x, "q_proj")  # [T, Hq*D]
+    k = lp.matmul(x, "k_proj")  # [T, Hkv*D]
+    v = lp.matmul(x, "v_proj")
     if cfg.attention_bias:
         q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
     q = q.reshape(T, cfg.num_heads, D)
@@ -85,12 +88,13 @@ def _attention_block(cfg, attention_fn, lp, h, cos, sin, k_cache, v_cache, layer
     o = attention_fn(q, k_cache, v_cache, layer, batch.kv_lens, batch.page_indices,
                      batch.cu_q_lens, batch.num_seqs, sm_scale=D ** -0.5, soft_cap=None,
                      sliding_window=cfg.sliding_window)  # [T, Hq, D]
-    return h + o.reshape(T, -1) @ lp["o_proj"], k_cache, v_cache
+    return h + lp.matmul(o.reshape(T, -1), "o_proj"), k_cache, v_cache
 
 
 def _mlp_block(cfg, lp, h):
     x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
-    return h + (jax.nn.silu(x @ lp["gate_proj"]) * (x @ lp["up_proj"])) @ lp["down_proj"]
+    gated = jax.nn.silu(lp.matmul(x, "gate_proj")) * lp.matmul(x, "up_proj")  # [T, F]
+    return h + lp.matmul(gated, "down_proj")
 
 
 def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelConfig,
@@ -103,9 +107,13 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
     h = params["embed"][batch.token_ids]  # [T, H]
     cos, sin = rope_cos_sin(batch.positions, inverse_frequencies(cfg), dtype)
 
+    # packed matrix stacks (see linear.py) are read in place, not sliced per layer
+    sliced, packed = split_layers(params["layers"])
+
     def layer_step(carry, xs):
         h, k_cache, v_cache = carry
-        lp, layer = xs
+        layer_slice, layer = xs
+        lp = LayerWeights(layer_slice, packed, layer)
         h, k_cache, v_cache = _attention_block(cfg, attention_fn, lp, h, cos, sin,
                                                k_cache, v_cache, layer, batch)
         h = _mlp_block(cfg, lp, h)
@@ -113,7 +121,7 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (h, k_cache, v_cache), _ = jax.lax.scan(
-        layer_step, (h, kv_cache.k, kv_cache.v), (params["layers"], layer_ids))
+        layer_step, (h, kv_cache.k, kv_cache.v), (sliced, layer_ids))
     h = h[batch.logits_indices]  # [N, H]
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]

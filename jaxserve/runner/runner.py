@@ -25,9 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig
+from jaxserve.models.linear import pack_layer_matrices
 from jaxserve.runner import sampling
 from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
 from jaxserve.runner.compile_guard import cache_counts, compile_count
+from jaxserve.runner.linear_backend import resolve_linear_backend
 from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import plan_memory
 from jaxserve.runner.step import compiled_step
@@ -66,6 +68,13 @@ class ModelRunner:
         # each device receives only its own slices of the weights, never the whole model
         self.params = self.sharding_plan.place_params(loaded.params)
         dtype = jax.tree.leaves(self.params)[0].dtype
+        self.linear_backend, note = resolve_linear_backend(
+            config.linear_backend, jax.devices()[0].platform, dtype,
+            self.sharding_plan.num_devices)
+        if note:
+            log(note)
+        if self.linear_backend == "native":
+            self.params = pack_layer_matrices(self.params)
         self.plan = plan_memory(self.cfg, config.cache,
                                 self.sharding_plan.per_device_bytes(loaded.params), dtype,
                                 sched.max_num_batched_tokens, sched.max_num_seqs,
@@ -220,9 +229,9 @@ class ModelRunner:
 
     @staticmethod
     def _shapes_key(fn, statics, args) -> tuple:
-        leaves = jax.tree.leaves(args)
-        return (fn, statics, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
-                                   for x in leaves))
+        leaves, treedef = jax.tree.flatten(args)  # the treedef holds static fields (n_out)
+        return (fn, statics, treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
+                                            for x in leaves))
 
     def _compile_jobs(self, variant: StepVariant) -> list:
         """(key, compile thunk) for the two programs of a variant; variants that share a

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--num-pages nor --kv-cache-memory is given.")
     e.add_argument("--attention-backend", default=d.attention_backend,
                    help="Paged-attention kernel variant ('auto' picks per device).")
+    e.add_argument("--linear-backend", choices=("auto", "native", "xla"),
+                   default=d.linear_backend, help="The layers' matmuls: 'native' (a CPU kernel "
+                   "reading float32 weights in place, single device) or 'xla'; 'auto' picks "
+                   "native where it applies.")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="Reuse KV pages of shared prefixes.")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,

@@ -57,6 +57,7 @@ class ServerConfig:
     kv_cache_memory: int | None = None  # bytes
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
+    linear_backend: str = "auto"
     shutdown_timeout: float = 30.0
     max_request_body_bytes: int = 16 * 1024 * 1024
     sharding_config: str | None = None

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import native_decode, registry
+from pallas_kernels import native_build, native_decode, registry
 from pallas_kernels.problems import make_problem
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
@@ -85,17 +85,18 @@ def test_rejects_dtypes_it_does_not_read():
 
 def test_build_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = native_decode._build()
+    source = native_build.NATIVE_DIR / "paged_decode.cc"
+    first = native_build.build(source)
     assert first.parent == tmp_path / "jaxserve" / "native" and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert native_decode._build() == first and first.stat().st_mtime_ns == stamp
+    assert native_build.build(source) == first and first.stat().st_mtime_ns == stamp
 
 
 def test_no_compiler_is_a_clear_error_and_the_default_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(native_decode.NativeBuildError, match="no-such-compiler"):
-        native_decode._build()
+    with pytest.raises(native_build.NativeBuildError, match="no-such-compiler"):
+        native_build.build(native_build.NATIVE_DIR / "paged_decode.cc")
     monkeypatch.setattr(native_decode, "is_available", lambda: False)
     assert registry.default_variant("cpu") == "blocked"
     assert registry.default_variant("gpu") == "pallas_splitk_decode"

@@ -1,0 +1,69 @@
+"""How a layer's matrices are applied: XLA's dot on a slice of the stack, or the native CPU
+matmul on weights stored in 64-column panels (pallas_kernels.native_matmul).
+
+The layout is data, not a flag: `pack_layer_matrices(params)` replaces each [L, K, N] matrix
+stack under params["layers"] with a PackedStack, and the forward routes every matrix that is a
+PackedStack to the native kernel, which reads the layer's panels in place. Those stacks then
+stay out of the layer scan's sliced inputs (a sliced input is copied per layer on XLA:CPU:
+54 of ~180 ms of a 32-row SmolLM2 decode step).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# the layer matrices, [L, K, N] each (see llama.py's parameter pytree)
+LAYER_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@struct.dataclass
+class PackedStack:
+    """A [L, K, N] matrix stack as the native matmul stores it."""
+    panels: jax.Array                           # f32[L, ceil(N / 64), K, 64]
+    n_out: int = struct.field(pytree_node=False)  # N
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.nbytes
+
+
+def pack_layer_matrices(params: dict) -> dict:
+    """params with every layer matrix stack packed for the native matmul (float32 only)."""
+    from pallas_kernels.native_matmul import pack
+
+    layers = dict(params["layers"])
+    for name in LAYER_MATRICES:
+        w = layers[name]  # [L, K, N]
+        if w.dtype != jnp.float32:
+            raise ValueError(f"the native matmul takes float32 weights, {name} is {w.dtype}")
+        layers[name] = PackedStack(panels=jax.jit(pack)(w), n_out=w.shape[-1])
+    return {**params, "layers": layers}
+
+
+class LayerWeights:
+    """One layer's weights inside the layer scan: `w[name]` for the sliced vectors (norms,
+    biases) and `w.matmul(x, name)` = x @ W_name[layer] by whichever path its stack takes."""
+
+    def __init__(self, sliced: dict, packed: dict, layer):
+        self._sliced, self._packed, self._layer = sliced, packed, layer
+
+    def __getitem__(self, name):
+        return self._sliced[name]
+
+    def __contains__(self, name):
+        return name in self._sliced or name in self._packed
+
+    def matmul(self, x, name):  # x [T, K] -> [T, N]
+        stack = self._packed.get(name)
+        if stack is None:
+            return x @ self._sliced[name]
+        from pallas_kernels.native_matmul import packed_matmul
+        return packed_matmul(x, stack.panels, self._layer, n_out=stack.n_out)
+
+
+def split_layers(layers: dict) -> tuple[dict, dict]:
+    """(stacks the scan slices per layer, packed stacks it reads in place)."""
+    packed = {n: w for n, w in layers.items() if isinstance(w, PackedStack)}
+    return {n: w for n, w in layers.items() if n not in packed}, packed
