@@ -30,10 +30,14 @@ def main():
             result = {"integrated": False}
             break
         outs = llm.generate(ps, GREEDY)
+        # on one CPU device the matrices are the native matmul's panels (tokens must agree)
+        q_proj = runner.params["layers"]["q_proj"]
+        q_proj = getattr(q_proj, "panels", q_proj)
         result[str(n)] = {
             "tokens": [o.outputs[0].token_ids for o in outs],
-            "q_proj_spec": str(runner.params["layers"]["q_proj"].sharding.spec),
-            "q_proj_shard": list(runner.params["layers"]["q_proj"].addressable_shards[0].data.shape),
+            "linear_backend": runner.linear_backend,
+            "q_proj_spec": str(q_proj.sharding.spec),
+            "q_proj_shard": list(q_proj.addressable_shards[0].data.shape),
             "cache_spec": str(runner.kv_cache.k.sharding.spec),
             "cache_expected": str(plan.kv_cache_sharding().k.spec),
             "num_devices": plan.num_devices,

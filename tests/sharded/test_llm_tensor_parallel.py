@@ -16,5 +16,6 @@ def test_llm_tensor_parallel_same_tokens(tiny_model_dir):
     for n in ("2", "8"):
         assert r[n]["tokens"] == r["1"]["tokens"], f"tensor_parallel_size {n}"
         assert r[n]["num_devices"] == int(n)
+        assert r[n]["linear_backend"] == "xla"  # a mesh never takes the native CPU matmul
         assert r[n]["q_proj_shard"][2] * int(n) == 64  # 8 heads x head_dim 8, split n ways
         assert r[n]["cache_spec"] == r[n]["cache_expected"]
