@@ -22,6 +22,7 @@ platform's default backend).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 from jaxserve.engine.sampling_params import SamplingParams  # noqa: E402
 from jaxserve.models import KVCache, build_model  # noqa: E402
 from jaxserve.runner import sampling  # noqa: E402
+from jaxserve.models.linear import pack_layer_matrices  # noqa: E402
 from jaxserve.runner.batch import Buckets, pack_batch  # noqa: E402
 from jaxserve.runner.step import compiled_step  # noqa: E402
 from pallas_kernels import registry  # noqa: E402
@@ -88,9 +90,12 @@ def timeit(fn, *args, repeats: int) -> float:
     return 1e3 * best
 
 
-def profile(loaded, backend: str, seqs, max_model_len: int, repeats: int) -> dict:
+def profile(loaded, backend: str, seqs, max_model_len: int, repeats: int,
+            linear: str = "xla") -> dict:
     cfg = loaded.config
     params = jax.tree.map(jnp.asarray, loaded.params)
+    if linear == "native":  # the layer matrices as the native CPU matmul reads them
+        params = pack_layer_matrices(params)
     dtype = params["embed"].dtype
     pages_per_seq = -(-max_model_len // PAGE_SIZE)
     num_pages = max(sum(-(-c // PAGE_SIZE) for _, c in seqs), 1) + 1
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
     src.add_argument("--model-config", help="random weights at a built-in shape (e.g. tiny)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="attention variants (default: the platform's default variant)")
+    p.add_argument("--linear-backends", nargs="+", choices=("native", "xla"), default=None,
+                   help="the layers' matmuls (default: native on CPU where it builds, else xla)")
     p.add_argument("--max-model-len", type=int, default=1536)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scenarios", nargs="*", default=None, help="subset of scenario names")
@@ -191,13 +198,21 @@ def main(argv=None) -> int:
     results = {}
     cols = ["step", "step+lp", "forward", "no-attn", "attention in model", "attention",
             "sampler", "sampler+lp"]
-    print(f"{'scenario':<20} {'backend':<10} {'T':>4} {'S':>3} " +
+    platform = jax.devices()[0].platform
+    if args.linear_backends:
+        linears = args.linear_backends
+    else:
+        from pallas_kernels import native_matmul
+        linears = ["native" if platform == "cpu" and native_matmul.is_available() else "xla"]
+    print(f"{'scenario':<20} {'backend':<17} {'T':>4} {'S':>3} " +
           " ".join(f"{c:>12}" for c in cols) + "   (ms)")
     for name, seqs in cases.items():
-        for backend in args.backends or [registry.default_variant(jax.devices()[0].platform)]:
-            r = profile(loaded, backend, seqs, args.max_model_len, repeats)
-            results[f"{name}/{backend}"] = r
-            print(f"{name:<20} {backend:<10} {r['T']:>4} {r['S']:>3} " +
+        for backend, linear in itertools.product(
+                args.backends or [registry.default_variant(platform)], linears):
+            r = profile(loaded, backend, seqs, args.max_model_len, repeats, linear)
+            tag = f"{backend}+{linear}"
+            results[f"{name}/{tag}"] = r
+            print(f"{name:<20} {tag:<17} {r['T']:>4} {r['S']:>3} " +
                   " ".join(f"{r[c]:>12.2f}" for c in cols), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
