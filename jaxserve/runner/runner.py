@@ -13,6 +13,7 @@ the previously dispatched step sampled for slot i (see step.py).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import os
 import sys
@@ -49,7 +50,7 @@ class StepVariant(NamedTuple):
 
     def sample_statics(self) -> dict:
         """The sampler program's static arguments for this variant."""
-        return dict(use_penalties=self.extras, logprobs=self.extras, all_logits=self.all_logits)
+        return dict(use_penalties=self.extras, logprobs=self.extras)
 
 
 class ModelRunner:
@@ -217,15 +218,20 @@ class ModelRunner:
                              variant.all_logits)
         return self.run_packed(batch, md, targets, variant.extras, variant.all_logits)
 
-    def _step_args(self, batch, md, targets, step_index: int):
-        """Device arguments of one step: (forward's, sampler's without the logits)."""
+    def _step_args(self, batch, md, targets, step_index: int, all_logits: bool):
+        """Device arguments of one step: (its forward's, its sampler's without the logits);
+        a prompt-logprob step's forward also takes the prompt targets."""
         sp = self.sharding_plan
         batch = sp.put_batch(batch)
         forward = (self.params, self.kv_cache, batch, self._sampled)
-        sample = (batch.cu_q_lens, sp.put_replicated(md), self._key,
-                  sp.put_replicated(np.uint32(step_index)), sp.put_replicated(targets),
+        if all_logits:
+            forward += (sp.put_replicated(targets),)
+        sample = (sp.put_replicated(md), self._key, sp.put_replicated(np.uint32(step_index)),
                   self._sampled)
         return forward, sample
+
+    def _forward_fn(self, all_logits: bool):
+        return self._step.forward_prompt_logprobs if all_logits else self._step.forward
 
     @staticmethod
     def _shapes_key(fn, statics, args) -> tuple:
@@ -237,12 +243,11 @@ class ModelRunner:
         """(key, compile thunk) for the two programs of a variant; variants that share a
         program (same shapes) share its key, so it compiles once."""
         batch, md, targets = self._pack([], variant, [], None)
-        fwd_args, sample_args = self._step_args(batch, md, targets, 0)
-        n = len(batch.logits_indices)
-        logits = jax.ShapeDtypeStruct((n, self.vocab_size), np.float32,
+        fwd_args, sample_args = self._step_args(batch, md, targets, 0, variant.all_logits)
+        logits = jax.ShapeDtypeStruct((variant.num_seqs, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
-        fwd, sample = self._step.forward, self._step.sample
+        fwd, sample = self._forward_fn(variant.all_logits), self._step.sample
         return [
             (self._shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
             (self._shapes_key(sample, tuple(statics.items()), (logits, *sample_args)),
@@ -272,17 +277,18 @@ class ModelRunner:
         """The device part of a step, on host arrays already padded to a bucket. `extras`:
         the variant with token penalties and logprobs."""
         self._num_steps += 1
-        fwd_args, sample_args = self._step_args(batch, md, targets, self._num_steps)
+        fwd_args, sample_args = self._step_args(batch, md, targets, self._num_steps, all_logits)
         variant = StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits)
         executables = self._executables.get(variant)
         if executables is not None:
             forward, sample = executables
-            self.kv_cache, logits = forward(*fwd_args)
-            out, self._sampled = sample(logits, *sample_args)
         else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it
-            self.kv_cache, logits = self._step.forward(*fwd_args)
-            out, self._sampled = self._step.sample(logits, *sample_args,
-                                                   **variant.sample_statics())
+            forward = self._forward_fn(all_logits)
+            sample = functools.partial(self._step.sample, **variant.sample_statics())
+        self.kv_cache, logits, *prompt = forward(*fwd_args)  # prompt: [outputs] or []
+        out, self._sampled = sample(logits, *sample_args)
+        if prompt:
+            out = out.replace(**prompt[0])
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()  # lands while the host prepares the next step
         return out

@@ -2,7 +2,8 @@
 
 step(params, kv_cache, batch, sampling_md, base_key, step_index, prompt_targets, prev_sampled)
     -> (kv_cache, StepOutput, sampled); the cache is donated. It runs as two programs (see
-StepFunctions): the forward, then the sampler on its logits, both queued without a host wait.
+StepFunctions): the forward (or, for prompt logprobs, the forward that also computes them),
+then the sampler on one logits row per sequence, both queued without a host wait.
 The step's randomness is fold_in(base_key, step_index), derived on the device: no host-side key
 split per step.
 Only shapes and three flags are static; everything a request sets is an array. The flags are
@@ -52,29 +53,33 @@ def _forward(params, kv_cache, batch, prev_sampled, *, forward):
     return forward(params, kv_cache, batch)
 
 
-def _sample(logits, cu_q_lens, sampling_md, base_key, step_index, prompt_targets, prev_sampled,
-            *, use_penalties: bool, logprobs: bool, all_logits: bool):
-    """The sampling part: (StepOutput, sampled i32[S_max]). logits f32[N, V]: N = S, or T with
-    all_logits (prompt logprobs), where the last row of each sequence is the one sampled."""
+def _forward_prompt_logprobs(params, kv_cache, batch, prev_sampled, prompt_targets, *, forward):
+    """The forward of a prompt-logprob step, whose logits rows are all T token rows:
+    (kv_cache, logits f32[S, V] of each sequence's last row (the sampled one), prompt outputs:
+    each row's logprob of prompt_targets i32[T] and its top-20). Computing them here, in the
+    program that is per token bucket anyway, lets these steps share the extras sampler."""
+    kv_cache, logits = _forward(params, kv_cache, batch, prev_sampled, forward=forward)  # [T, V]
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)  # [T, V]
+    top_lp, top_ids = jax.lax.top_k(logprobs_all, MAX_TOP_LOGPROBS)
+    target_lp = jnp.take_along_axis(logprobs_all, prompt_targets[:, None], axis=-1)[:, 0]
+    prompt = dict(prompt_logprobs=target_lp, prompt_top_token_ids=top_ids,
+                  prompt_top_logprobs=top_lp)
+    last_rows = jnp.maximum(batch.cu_q_lens[1:] - 1, 0)  # [S]
+    return kv_cache, logits[last_rows], prompt
+
+
+def _sample(logits, sampling_md, base_key, step_index, prev_sampled, *, use_penalties: bool,
+            logprobs: bool):
+    """The sampling part: (StepOutput, sampled i32[S_max]) from logits f32[S, V]."""
     key = jax.random.fold_in(base_key, step_index)
-    prompt = {}
-    if all_logits:
-        last_rows = jnp.maximum(cu_q_lens[1:] - 1, 0)
-        logprobs_all = jax.nn.log_softmax(logits, axis=-1)  # [T, V]
-        top_lp, top_ids = jax.lax.top_k(logprobs_all, MAX_TOP_LOGPROBS)
-        target_lp = jnp.take_along_axis(logprobs_all, prompt_targets[:, None], axis=-1)[:, 0]
-        prompt = dict(prompt_logprobs=target_lp, prompt_top_token_ids=top_ids,
-                      prompt_top_logprobs=top_lp)
-        logits = logits[last_rows]  # [S, V]
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
                           use_penalties=use_penalties, logprobs=logprobs)
     sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
     return StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
-                      top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
-                      **prompt), sampled
+                      top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs), sampled
 
 
-SAMPLE_STATICS = ("use_penalties", "logprobs", "all_logits")
+SAMPLE_STATICS = ("use_penalties", "logprobs")
 
 
 class StepFunctions(NamedTuple):
@@ -83,18 +88,25 @@ class StepFunctions(NamedTuple):
     share a compiled forward, and every bucket with S slots shares one plain sampler: at
     warm-up that is about half the compile time of one program per variant (the sampler's
     filters and Gumbel noise compile in ~1.4 s on CPU, as long as a forward)."""
-    forward: Callable  # (params, kv_cache, batch, prev_sampled) -> (kv_cache, logits f32[N, V])
-    sample: Callable   # (logits, cu_q_lens, md, base_key, step_index, prompt_targets,
-    #                     prev_sampled, *, use_penalties, logprobs, all_logits)
-    #                  -> (StepOutput, sampled i32[S_max])
+    forward: Callable  # (params, kv_cache, batch, prev_sampled) -> (kv_cache, logits f32[S, V])
+    # (params, kv_cache, batch, prev_sampled, prompt_targets)
+    #   -> (kv_cache, logits f32[S, V], prompt outputs dict); batch.logits_indices = all T rows
+    forward_prompt_logprobs: Callable
+    sample: Callable   # (logits, md, base_key, step_index, prev_sampled, *, use_penalties,
+    #                     logprobs) -> (StepOutput, sampled i32[S_max])
 
     def __call__(self, params, kv_cache, batch, sampling_md, base_key, step_index,
-                 prompt_targets, prev_sampled, **statics):
+                 prompt_targets, prev_sampled, *, all_logits: bool = False, **statics):
         """The whole step: -> (kv_cache, StepOutput, sampled); the cache is donated."""
-        kv_cache, logits = self.forward(params, kv_cache, batch, prev_sampled)
-        out, sampled = self.sample(logits, batch.cu_q_lens, sampling_md, base_key, step_index,
-                                   prompt_targets, prev_sampled, **statics)
-        return kv_cache, out, sampled
+        prompt = {}
+        if all_logits:
+            kv_cache, logits, prompt = self.forward_prompt_logprobs(
+                params, kv_cache, batch, prev_sampled, prompt_targets)
+        else:
+            kv_cache, logits = self.forward(params, kv_cache, batch, prev_sampled)
+        out, sampled = self.sample(logits, sampling_md, base_key, step_index, prev_sampled,
+                                   **statics)
+        return kv_cache, out.replace(**prompt), sampled
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,12 +116,15 @@ def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None) -> StepFun
     executables. out_shardings = (kv_cache's, replicated, replicated): pinning the cache's
     keeps donation in place on a mesh; logits and outputs are replicated."""
     model = build_model(cfg, attention_fn)
-    fwd_extra, sample_extra = {}, {}
+    fwd_extra, prompt_extra, sample_extra = {}, {}, {}
     if out_shardings is not None:
         cache_sharding, replicated, _ = out_shardings
         fwd_extra = {"out_shardings": (cache_sharding, replicated)}
+        prompt_extra = {"out_shardings": (cache_sharding, replicated, replicated)}
         sample_extra = {"out_shardings": (replicated, replicated)}
     forward = jax.jit(functools.partial(_forward, forward=model.forward), donate_argnums=(1,),
                       **fwd_extra)
+    forward_prompt = jax.jit(functools.partial(_forward_prompt_logprobs, forward=model.forward),
+                             donate_argnums=(1,), **prompt_extra)
     sample = jax.jit(_sample, static_argnames=SAMPLE_STATICS, **sample_extra)
-    return StepFunctions(forward, sample)
+    return StepFunctions(forward, forward_prompt, sample)
