@@ -16,6 +16,12 @@ import numbers
 # change between steps (a new shape would recompile the step); these are those widths.
 MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_STOP_TOKEN_IDS = 64
+# Bounds on what one request may ask for, checked before any work (a request with n = 2**63
+# once made the server allocate children until the OOM killer ended it): n completions per
+# prompt, and the stop strings every detokenized step is searched for.
+MAX_N = 128
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -117,6 +123,8 @@ class SamplingParams:
 
         if self.n < 1:
             bad("n", f"n must be at least 1, got {self.n}.")
+        if self.n > MAX_N:
+            bad("n", f"n can be at most {MAX_N}, got {self.n}.")
         if self.max_tokens is not None and self.max_tokens < 1:
             bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}.")
         if not 0.0 <= self.temperature <= 2.0:
@@ -152,6 +160,11 @@ class SamplingParams:
             bad("stop", "stop must be a string or a list of strings.")
         if any(not s for s in self.stop):
             bad("stop", "stop cannot contain an empty string.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"stop can hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            bad("stop", f"stop strings can have at most {MAX_STOP_STRING_CHARS} characters, got "
+                f"{max(len(s) for s in self.stop)}.")
         if any(not _is_int(t) for t in self.stop_token_ids):
             bad("stop_token_ids", f"stop_token_ids must contain only integers, got "
                 f"{self.stop_token_ids}.")

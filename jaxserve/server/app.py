@@ -21,13 +21,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jaxserve.server.chat import create_chat_completion, render_chat
 from jaxserve.server.completions import create_completion
 from jaxserve.server.config import ServerConfig
-from jaxserve.server.errors import APIError, error_body, error_response
+from jaxserve.server.errors import APIError, SafeJSONResponse, error_body, error_response
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.server.serving import ClientDisconnected, ServingContext, read_model
@@ -118,7 +118,7 @@ def build_app(engine, server_config: ServerConfig, *, start_engine: bool = True)
         data = [{"id": n, "object": "model", "created": created, "owned_by": "jaxserve",
                  "root": server_config.model or engine.model_name, "parent": None,
                  "max_model_len": engine.max_model_len, "permission": []} for n in names]
-        return JSONResponse({"object": "list", "data": data})
+        return SafeJSONResponse({"object": "list", "data": data})
 
     async def tokenize(ctx: ServingContext, request: Request):
         req = await read_model(request, TokenizeRequest)
@@ -132,14 +132,14 @@ def build_app(engine, server_config: ServerConfig, *, start_engine: bool = True)
             special = req.add_special_tokens is not False
         ids = await ctx.encode(text, special)
         strs = [ctx.renderer.text(t) for t in ids] if req.return_token_strs else None
-        return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len,
+        return SafeJSONResponse({"count": len(ids), "max_model_len": engine.max_model_len,
                              "tokens": ids, "token_strs": strs})
 
     async def detokenize(ctx: ServingContext, request: Request):
         req = await read_model(request, DetokenizeRequest)
         ctx.resolve_model(req.model)
         ctx.check_token_ids(req.tokens, "tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
+        return SafeJSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
 
     async def health(request: Request):
         try:
@@ -164,12 +164,12 @@ def build_app(engine, server_config: ServerConfig, *, start_engine: bool = True)
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: HTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
+        return SafeJSONResponse(error_body(exc.status_code, str(exc.detail)),
                             status_code=exc.status_code, headers=exc.headers)
 
     async def on_crash(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return JSONResponse(error_body(500, f"Internal server error: {type(exc).__name__}"),
+        return SafeJSONResponse(error_body(500, f"Internal server error: {type(exc).__name__}"),
                             status_code=500)
 
     @contextlib.asynccontextmanager

@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
-from jaxserve.server.errors import bad_request
+from jaxserve.server.errors import SafeJSONResponse, bad_request
 from jaxserve.server.logprobs import chat_logprobs
 from jaxserve.server.protocol import ChatCompletionRequest, ChatMessage
 from jaxserve.server.serving import (SSEStream, ServingContext, created_now, new_id,
@@ -50,7 +49,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request):
         first, merged, admission = await start_stream(ctx, request, rid, prompts, params)
         return SSEStream(sse_events(fmt.chunks(first, merged), merged), admission.release)
     (final,) = await run_to_end(ctx, request, rid, prompts, params)
-    return JSONResponse(fmt.response(final))
+    return SafeJSONResponse(fmt.response(final))
 
 
 class _Formatter:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
-from jaxserve.server.errors import bad_request
+from jaxserve.server.errors import SafeJSONResponse, bad_request
 from jaxserve.server.logprobs import completion_logprobs
 from jaxserve.server.protocol import CompletionRequest
 from jaxserve.server.serving import (SSEStream, ServingContext, created_now, new_id,
@@ -52,7 +51,7 @@ async def create_completion(ctx: ServingContext, request: Request):
         first, merged, admission = await start_stream(ctx, request, rid, prompts, params)
         return SSEStream(sse_events(fmt.chunks(first, merged), merged), admission.release)
     finals = await run_to_end(ctx, request, rid, prompts, params)
-    return JSONResponse(fmt.response(finals))
+    return SafeJSONResponse(fmt.response(finals))
 
 
 class _Formatter:

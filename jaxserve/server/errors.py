@@ -50,13 +50,32 @@ def error_body(status: int, message: str, param: str | None = None,
                       "code": status}}
 
 
+def safe_dumps(obj) -> str:
+    """JSON text that always encodes as UTF-8: text a client sent may hold lone UTF-16
+    surrogates (a JSON string may escape one), which UTF-8 cannot encode; those are written as
+    JSON escapes instead (the whole text ASCII-escaped), so echoing them can never fail."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, separators=(",", ":"))
+    return text
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSONResponse whose rendering cannot raise on text the client sent (see safe_dumps)."""
+
+    def render(self, content) -> bytes:
+        return safe_dumps(content).encode("utf-8")
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return SafeJSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def sse_error_event(err: APIError) -> str:
     """The event a stream sends when it fails after the 200 headers went out."""
-    return f"data: {json.dumps(err.body())}\n\n"
+    return f"data: {safe_dumps(err.body())}\n\n"
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

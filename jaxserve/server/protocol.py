@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jaxserve.server import limits
 from jaxserve.server.errors import bad_request
 
 
@@ -108,6 +109,7 @@ class CompletionRequest(_SamplingRequest):
                          "or a list of lists of token ids")
 
     def check(self) -> None:
+        limits.at_most("prompt", len(self.prompt), limits.MAX_PROMPTS, "prompts")
         self.check_common()
         if self.suffix:
             raise bad_request("suffix is not supported.", "suffix")
@@ -163,6 +165,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None  # meaningless without tools, harmless
 
     def check(self) -> None:
+        limits.check_messages(self.messages)
         self.check_common()
         if self.tools:
             raise bad_request("tools are not supported.", "tools")
@@ -196,6 +199,8 @@ class TokenizeRequest(_Strict):
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise bad_request("Exactly one of `prompt` and `messages` must be given.", "prompt")
+        if self.messages is not None:
+            limits.check_messages(self.messages)
 
 
 class DetokenizeRequest(_Strict):

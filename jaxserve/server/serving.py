@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from jaxserve.engine.sampling_params import SamplingParams, SamplingParamsError
-from jaxserve.server.errors import (APIError, bad_request, from_validation_error,
+from jaxserve.server.errors import (APIError, bad_request, from_validation_error, safe_dumps,
                                     sse_error_event)
 from jaxserve.server.logprobs import TokenRenderer
 from jaxserve.server.metrics import RequestTracker, ServerMetrics
@@ -42,7 +43,23 @@ def new_id(prefix: str) -> str:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return safe_dumps(obj)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate_path(value, path: list[str]) -> str | None:
+    """The dotted path of the first string (or key) in a parsed body holding a lone surrogate."""
+    if isinstance(value, str):
+        return ".".join(path) if any(0xD800 <= ord(c) <= 0xDFFF for c in value) else None
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = _lone_surrogate_path(str(key), path) or _lone_surrogate_path(item, path + [str(key)])
+        if found is not None:
+            return found
+    return None
 
 
 async def read_model(request: Request, model: type[M]) -> M:
@@ -55,6 +72,13 @@ async def read_model(request: Request, model: type[M]) -> M:
         raise bad_request(f"Invalid JSON body: {e}") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    # Valid UTF-8 bytes cannot hold a lone UTF-16 surrogate, but a JSON \u escape can; no
+    # tokenizer or encoder takes one, so such text is refused here, naming where it is.
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate_path(body, ["body"])
+        if where is not None:
+            raise bad_request("The request holds text that is not valid Unicode (a lone UTF-16 "
+                              "surrogate escape).", where)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -310,7 +334,7 @@ def _streams(ctx: ServingContext, rid: str, prompts: list[Prompt],
 async def run_to_end(ctx: ServingContext, request: Request, rid: str, prompts: list[Prompt],
                      params: list[SamplingParams]) -> list[Any]:
     """The final RequestOutput of each prompt; aborts everything if the client leaves."""
-    admission = ctx.admit(len(prompts))
+    admission = ctx.admit(sum(p.n for p in params))  # sequences, not requests
     finals: list[Any] = [None] * len(prompts)
 
     async def collect() -> None:
@@ -340,7 +364,7 @@ async def start_stream(ctx: ServingContext, request: Request, rid: str, prompts:
 
     Returns (first (index, output) or None, the rest of the merged stream, admission); the
     caller hands the admission to the SSEStream, which releases it when the stream ends."""
-    admission = ctx.admit(len(prompts))
+    admission = ctx.admit(sum(p.n for p in params))  # sequences, not requests
     merged = merge(_streams(ctx, rid, prompts, params))
     try:
         first = await until_disconnect(_first(merged), request.receive)
