@@ -122,15 +122,16 @@ class ServingContext:
         return name
 
     def admit(self, n: int) -> Admission:
+        """A slot for n sequences (a request's n x prompts), or 503 when they do not fit."""
         if self.draining:
             raise APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
         if not self.engine.is_running():
             raise APIError(503, "The engine is not running.")
         if self.in_flight + n > self.capacity:
             self.metrics.rejected("overload")
-            raise APIError(503, f"The server is overloaded: {self.in_flight} requests in flight "
-                           f"(limit {self.capacity} = --max-num-seqs + --max-queued-requests). "
-                           "Retry later.", headers={"Retry-After": "1"})
+            raise APIError(503, f"The server is overloaded: {self.in_flight} sequences in flight "
+                           f"and this request adds {n} (limit {self.capacity} = --max-num-seqs + "
+                           "--max-queued-requests). Retry later.", headers={"Retry-After": "1"})
         return Admission(self, n)
 
     def max_tokens_for(self, num_prompt: int, max_tokens: int | None, param: str,
