@@ -110,7 +110,7 @@ class ServingContext:
         self.draining = False  # set on SIGTERM: new work gets 503 while streams finish
         # Running batch plus the queue allowed behind it; beyond that a request would only wait
         # (and hold a connection) for longer than it is worth: 503 tells it to retry elsewhere.
-        self.capacity = (config.max_num_seqs or 256) + config.max_queued_requests
+        self.capacity = engine.max_num_seqs + config.max_queued_requests
 
     # -- request checks -------------------------------------------------------------------
 

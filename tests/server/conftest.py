@@ -37,7 +37,10 @@ def fresh_server():
     started = []
 
     def make(engine: FakeEngine | None = None, **config):
-        s = ServerThread(engine or FakeEngine(), make_config(**config))
+        engine = engine or FakeEngine()
+        if config.get("max_num_seqs"):  # serve.py builds the engine with the flag's value
+            engine.max_num_seqs = config["max_num_seqs"]
+        s = ServerThread(engine, make_config(**config))
         started.append(s.__enter__())
         return s
 

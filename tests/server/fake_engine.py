@@ -53,10 +53,11 @@ def build_tokenizer():
 
 class FakeEngine:
     def __init__(self, model_name: str = "fake-model", max_model_len: int = 128,
-                 token_delay: float = 0.002):
+                 token_delay: float = 0.002, max_num_seqs: int = 256):
         self.tokenizer = build_tokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs  # the server's capacity reads it, as from AsyncEngine
         self.token_delay = token_delay  # seconds per generated token
         self.requests: dict[str, tuple[list[int], object]] = {}
         self.aborted: list[str] = []

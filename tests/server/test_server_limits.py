@@ -129,3 +129,12 @@ def test_the_error_path_encodes_any_text():
     err = APIError(404, "The model `\ud800` does not exist.", "model")
     assert b"\\ud800" in error_response(err).body
     assert "\\ud800" in sse_error_event(err)
+
+
+def test_capacity_is_the_engines_batch_bound_plus_the_queue(fresh_server):
+    # no --max-num-seqs given to the server: the bound comes from the engine, not a guess
+    s = fresh_server(FakeEngine(max_num_seqs=3), max_queued_requests=1)
+    assert s.app.state.ctx.capacity == 4
+    assert_error(httpx.post(s.url + C, json=_completion(n=5), timeout=10), 503)
+    r = httpx.post(s.url + C, json=_completion(n=4), timeout=10)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
