@@ -67,8 +67,11 @@ def main(argv=None) -> None:
         name = os.path.basename(os.path.normpath(config.model))
         return AsyncEngine(engine, model_name=name)
 
+    from jaxserve.config import ConfigError
     try:
         run_server(engine_factory, config)
+    except ConfigError as e:  # a setting the model or the devices cannot take: no traceback
+        raise SystemExit(f"jaxserve: error: {e}") from None
     finally:
         if multi_host:
             from jaxserve.parallel import stop_followers

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxserve.config import ConfigError  # one ConfigError for every setting
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16",
                   "bf16": "bfloat16"}
@@ -32,10 +34,6 @@ def parse_size(text: str | int) -> int:
 
 def canonical_dtype(name: str) -> str:
     return _DTYPE_ALIASES.get(name.lower(), name.lower())
-
-
-class ConfigError(ValueError):
-    """A flag with a bad value; the message starts with the flag's name."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,3 +178,15 @@ def test_sigterm_aborts_after_shutdown_timeout():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_setting_the_engine_refuses_is_one_line_not_a_traceback(tiny_model_dir):
+    # --linear-backend native takes float32 weights: asking for it with bfloat16 is refused
+    # by the runner, after loading; serve.py reports the ConfigError and exits non-zero
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--model",
+                        tiny_model_dir("llama-gqa"), "--dtype", "bfloat16", "--linear-backend",
+                        "native", "--port", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "jaxserve: error: --linear-backend native: it takes float32 weights" in r.stderr
+    assert "Traceback" not in r.stderr
