@@ -62,6 +62,8 @@ class FakeEngine:
         self.requests: dict[str, tuple[list[int], object]] = {}
         self.aborted: list[str] = []
         self.abort_times: dict[str, float] = {}
+        self.generated_at_abort: dict[str, int] = {}  # tokens a request had when it was aborted
+        self._generated: dict[str, int] = {}  # tokens generated so far, per request
         self.active: set[str] = set()
         self.stale = False  # tests flip this to make the heartbeat look stuck
         self.started = self.stopped = False
@@ -97,6 +99,7 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+        self.generated_at_abort[request_id] = self._generated.get(request_id, 0)
         self.abort_times[request_id] = time.monotonic()
         ev = self._abort_events.get(request_id)
         if ev is not None:
@@ -171,6 +174,7 @@ class FakeEngine:
                     elif len(c.token_ids) >= max_tokens:
                         c.finish_reason = "length"
                 done = all(c.finished for c in choices)
+                self._generated[request_id] = max(len(c.token_ids) for c in choices)
                 yield RequestOutput(
                     request_id=request_id, prompt=prompt, prompt_token_ids=list(prompt_token_ids),
                     outputs=[CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -247,9 +246,9 @@ def test_disconnect_mid_stream_aborts(fresh_server):
             lines = r.iter_lines()
             rid = json.loads(next(lines)[len("data: "):])["id"]
             next(lines), next(lines)
-            closed_at = time.monotonic()
-    assert wait_until(lambda: rid in engine.aborted, timeout=3)
-    assert engine.abort_times[rid] - closed_at < 1.0
+    # the disconnect ended the request early: it stopped well before its 100 tokens
+    assert wait_until(lambda: rid in engine.generated_at_abort, timeout=3)
+    assert engine.generated_at_abort[rid] < 50
     assert wait_until(lambda: not engine.active, timeout=3)
     assert wait_until(lambda: s.app.state.ctx.in_flight == 0, timeout=3)
 
