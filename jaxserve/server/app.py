@@ -27,6 +27,7 @@ from starlette.routing import Route
 from jaxserve.server.chat import create_chat_completion, render_chat
 from jaxserve.server.completions import create_completion
 from jaxserve.server.config import ServerConfig
+from jaxserve.server.openapi import openapi_document
 from jaxserve.server.errors import APIError, SafeJSONResponse, error_body, error_response
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import DetokenizeRequest, TokenizeRequest
@@ -114,6 +115,9 @@ def build_app(engine, server_config: ServerConfig, *, start_engine: bool = True)
                 return Response(status_code=499)  # nginx's "client closed request"; unseen
         return endpoint
 
+    async def openapi_json(request: Request):
+        return SafeJSONResponse(openapi_document())
+
     async def list_models(request: Request):
         data = [{"id": n, "object": "model", "created": created, "owned_by": "jaxserve",
                  "root": server_config.model or engine.model_name, "parent": None,
@@ -191,6 +195,7 @@ def build_app(engine, server_config: ServerConfig, *, start_engine: bool = True)
         Route("/health", health, methods=["GET"]),
         Route("/ping", health, methods=["GET", "POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan,

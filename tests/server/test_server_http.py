@@ -329,3 +329,15 @@ def test_health(fresh_server):
     # a dead engine also refuses work with 503 rather than hanging
     assert_error(httpx.post(s.url + "/v1/completions", json={"prompt": "x"}, timeout=10), 503)
     s.engine.stopped = False
+
+
+def test_openapi_document_describes_the_request_models(server):
+    doc = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/tokenize",
+                                 "/detokenize"}
+    completion = doc["components"]["schemas"]["CompletionRequest"]
+    assert "prompt" in completion["required"] and completion["additionalProperties"] is False
+    ref = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatCompletionRequest"
