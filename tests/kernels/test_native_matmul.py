@@ -67,3 +67,11 @@ def test_bad_operands_are_clear_errors():
         native_matmul.packed_matmul(jnp.zeros((2, 9)), panels, 0, n_out=8)
     with pytest.raises(ValueError, match="disagree"):
         native_matmul.packed_matmul(jnp.zeros((2, 8)), panels, 0, n_out=100)
+
+
+def test_loading_the_native_kernels_keeps_the_process_ieee():
+    # -ffast-math would link crtfastmath.o: flush-to-zero for every float op of the process
+    from pallas_kernels import native_decode
+    assert native_matmul.is_available() and native_decode.is_available()
+    tiny = 1e-310  # a subnormal double
+    assert tiny * 1.0 == tiny and np.float32(1e-40) * np.float32(1.0) > 0
