@@ -67,7 +67,8 @@ def build(source: Path) -> Path:
     import jaxlib
 
     cxx = _compiler()
-    text = source.read_bytes()
+    # the source and the shared headers it may include (parallel_for.h)
+    text = b"\0".join(p.read_bytes() for p in [source, *sorted(NATIVE_DIR.glob("*.h"))])
     key = hashlib.sha256(b"\0".join([
         text, jaxlib.__version__.encode(), " ".join(FLAGS).encode(), cxx.encode(),
         _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]

@@ -24,10 +24,6 @@ class PackedStack:
     panels: jax.Array                           # f32[L, ceil(N / 64), K, 64]
     n_out: int = struct.field(pytree_node=False)  # N
 
-    @property
-    def nbytes(self) -> int:
-        return self.panels.nbytes
-
 
 def pack_layer_matrices(params: dict) -> dict:
     """params with every layer matrix stack packed for the native matmul (float32 only)."""
@@ -51,9 +47,6 @@ class LayerWeights:
 
     def __getitem__(self, name):
         return self._sliced[name]
-
-    def __contains__(self, name):
-        return name in self._sliced or name in self._packed
 
     def matmul(self, x, name):  # x [T, K] -> [T, N]
         stack = self._packed.get(name)

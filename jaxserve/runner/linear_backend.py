@@ -29,12 +29,10 @@ def resolve_linear_backend(requested: str | None, platform: str, dtype,
     if requested == "xla":
         return "xla", None
     why_not = _why_not_native(platform, dtype, num_devices)
-    if requested == "native":
-        if why_not:
-            raise ConfigError(f"--linear-backend native: {why_not}")
-        return "native", "linear layers: native CPU matmul on packed float32 weights"
     if why_not is None:
         return "native", "linear layers: native CPU matmul on packed float32 weights"
+    if requested == "native":
+        raise ConfigError(f"--linear-backend native: {why_not}")
     if platform == "cpu":
         return "xla", f"linear layers: XLA dots (native CPU matmul not used: {why_not})"
     return "xla", None

@@ -200,8 +200,7 @@ class ModelRunner:
         md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size,
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len)
-        # prompt-logprob targets per token row; other variants' samplers never read them, and a
-        # [1] placeholder keeps one sampler per S for all their token buckets
+        # prompt-logprob targets per token row, read only by the prompt-logprob forward
         targets = np.zeros(t if variant.all_logits else 1, np.int32)
         if prompt_targets is not None:
             flat = [tok for per_seq in prompt_targets for tok in per_seq]

@@ -18,16 +18,14 @@
 // in register tiles of 6 x 64 (24 accumulators of 16 floats: fits the 32 AVX-512 registers).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxserve_native::parallel_for;
 
 namespace {
 
@@ -45,9 +43,10 @@ inline vfloat load_vec(const float* p) {
 }
 
 // acc[R, 64] = x[R rows, K] @ panel[K, 64]; written to out (row stride ldo) for `cols` columns.
-#ifndef PD
-#define PD 32
-#endif
+// The first row tile of a panel streams it from memory: prefetch this many panel rows (8 KB)
+// ahead (measured 63 -> 48 ms for a 30-layer 32-row probe; 8..128 rows all within noise).
+constexpr int64_t kPrefetchRows = 32;
+
 template <int R, bool kPrefetch = false>
 void tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo, int64_t cols) {
   vfloat acc[R][kVecs];
@@ -57,7 +56,7 @@ void tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo
   for (int64_t k = 0; k < K; ++k, wk += kPanel) {
     vfloat b[kVecs];
     if (kPrefetch)
-      for (int v = 0; v < kVecs; ++v) __builtin_prefetch(wk + PD * kPanel + v * kLanes);
+      for (int v = 0; v < kVecs; ++v) __builtin_prefetch(wk + kPrefetchRows * kPanel + v * kLanes);
     for (int v = 0; v < kVecs; ++v) b[v] = load_vec(wk + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float a = x[r * K + k];
@@ -90,35 +89,6 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panel, float*
     case 1: tile<1>(xm, K, panel, om, N, cols); break;
     default: break;
   }
-}
-
-// Runs body(i) for i in [0, n) on the caller and up to `workers` pool threads. Items are claimed
-// from a shared counter, so the caller never waits on a task that has not started (XLA may call
-// us from one of the pool's own threads); a late task finds nothing left and returns.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t workers, int64_t n, F body) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t total = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->total = n;
-  auto work = [state, body]() {
-    int64_t i;
-    while ((i = state->next.fetch_add(1)) < state->total) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == state->total) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t w = 0; w < std::min(workers, n - 1); ++w) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->total; });
 }
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
