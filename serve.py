@@ -12,15 +12,9 @@ import sys
 
 def engine_config_from(server_config):
     """Map the HTTP server's flags onto the engine's frozen configs."""
-    import jax
-
     from jaxserve.config import (CacheConfig, EngineConfig, SchedulerConfig,
                                  default_compilation_cache_dir)
 
-    on_cpu = jax.devices()[0].platform == "cpu"
-    # CPU serves small models to few clients; GPU defaults follow vLLM's
-    max_seqs = server_config.max_num_seqs or (16 if on_cpu else 256)
-    max_tokens = server_config.max_num_batched_tokens or (256 if on_cpu else 8192)
     backend = None if server_config.attention_backend in (None, "auto") else server_config.attention_backend
     cache_dir = (None if server_config.no_compilation_cache
                  else server_config.compilation_cache_dir or default_compilation_cache_dir())
@@ -34,7 +28,9 @@ def engine_config_from(server_config):
                           kv_cache_memory_bytes=server_config.kv_cache_memory,
                           gpu_memory_utilization=server_config.gpu_memory_utilization,
                           enable_prefix_caching=server_config.enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
+        # limits left None take the platform's defaults, resolved once by build_engine
+        scheduler=SchedulerConfig(max_num_seqs=server_config.max_num_seqs,
+                                  max_num_batched_tokens=server_config.max_num_batched_tokens,
                                   max_model_len=server_config.max_model_len,
                                   async_scheduling=server_config.async_scheduling))
 

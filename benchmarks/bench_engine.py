@@ -96,8 +96,9 @@ class StepRecorder:
         self._last_done = 0.0
         inner_dispatch, inner_fetch = self.runner.dispatch, self.runner.fetch
 
-        def dispatch(seqs, sampling_inputs, **kw):
-            pending = inner_dispatch(seqs, sampling_inputs, **kw)
+        def dispatch(plan):
+            pending = inner_dispatch(plan)
+            seqs = plan.sequences
             record = StepRecord(
                 num_tokens=sum(len(s.token_ids) for s in seqs), num_seqs=len(seqs),
                 kv_lens=[s.start_pos + len(s.token_ids) for s in seqs],

@@ -1,5 +1,8 @@
 """Frozen engine configuration, built once (serve.py or LLM.__init__) and validated here.
 
+Settings left None take a default that depends on the platform or the model; build_engine
+resolves them once (EngineConfig.resolved) and every component reads the resolved config.
+
 No jax import: the server builds these too. Messages name the flag a user would change.
 """
 
@@ -38,22 +41,49 @@ class CacheConfig:
                               f"{self.gpu_memory_utilization}")
 
 
+# Batch limits when the user sets none, by platform: CPU serves small models to few clients;
+# GPU follows vLLM's defaults.
+PLATFORM_BATCH_DEFAULTS = {"cpu": (16, 256)}  # (max_num_seqs, max_num_batched_tokens)
+ACCELERATOR_BATCH_DEFAULTS = (256, 8192)
+# The context when neither the user nor the model limits it lower: long contexts cost a wider
+# page table in every step, so we do not default to a model's 128k.
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 256
+    max_num_seqs: int | None = None            # None: the platform's default (resolved)
+    max_num_batched_tokens: int | None = None  # None: the platform's default (resolved)
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped)
     # schedule and dispatch step N+1 while step N runs on the device (engine.py)
     async_scheduling: bool = True
 
     def __post_init__(self):
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-batched-tokens must be at least 1, got "
+                              f"{self.max_num_batched_tokens}")
+        if (self.max_num_seqs is not None and self.max_num_batched_tokens is not None
+                and self.max_num_batched_tokens < self.max_num_seqs):
             raise ConfigError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at "
                               f"least --max-num-seqs ({self.max_num_seqs})")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+
+    def resolved(self, platform: str, max_position_embeddings: int) -> "SchedulerConfig":
+        """Every default filled in, once, for this platform and model."""
+        seqs, tokens = PLATFORM_BATCH_DEFAULTS.get(platform, ACCELERATOR_BATCH_DEFAULTS)
+        max_num_seqs = self.max_num_seqs or min(seqs, self.max_num_batched_tokens or seqs)
+        return dataclasses.replace(
+            self, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max(tokens, max_num_seqs),
+            max_model_len=self.max_model_len or min(max_position_embeddings,
+                                                    DEFAULT_MAX_MODEL_LEN))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,3 +115,8 @@ class EngineConfig:
                               "--no-compilation-cache to turn the cache off)")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
+
+    def resolved(self, platform: str, max_position_embeddings: int) -> "EngineConfig":
+        """This config with every platform and model default filled in (see SchedulerConfig)."""
+        return dataclasses.replace(
+            self, scheduler=self.scheduler.resolved(platform, max_position_embeddings))

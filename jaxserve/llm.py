@@ -14,11 +14,6 @@ from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.sampling_params import SamplingParams
 
-# The engine's default context when neither the user nor memory limits it: long contexts cost a
-# wider page table in every step, so we do not default to a model's 128k.
-DEFAULT_MAX_MODEL_LEN = 2048
-
-
 def resolve_attention(name: str | None):
     """The attention function for a registry name; None picks the platform's default."""
     import jax
@@ -65,8 +60,9 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
     else:
         loaded = load_model(config.model, dtype=dtype)
     cfg = loaded.config
-    max_model_len = config.scheduler.max_model_len or min(cfg.max_position_embeddings,
-                                                          DEFAULT_MAX_MODEL_LEN)
+    import jax
+    config = config.resolved(jax.devices()[0].platform, cfg.max_position_embeddings)
+    max_model_len = config.scheduler.max_model_len
     if max_model_len > cfg.max_position_embeddings:
         log(f"warning: --max-model-len {max_model_len} exceeds the model's "
             f"max_position_embeddings ({cfg.max_position_embeddings})")
@@ -76,7 +72,7 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
     from jaxserve.config import ConfigError
     from jaxserve.parallel import ShardingError
     try:
-        runner = ModelRunner(loaded, config, max_model_len, attention_fn, log=log)
+        runner = ModelRunner(loaded, config, attention_fn, log=log)
     except ShardingError as e:  # a mesh that does not fit this model or these devices
         raise ConfigError(str(e)) from None
     if warmup:
@@ -84,22 +80,15 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
     eos = set(cfg.eos_token_ids)
     if loaded.tokenizer.eos_token_id is not None:
         eos.add(loaded.tokenizer.eos_token_id)
-    sched = config.scheduler
-    engine = LLMEngine(runner, loaded.tokenizer, eos_token_ids=eos,
-                       max_num_seqs=sched.max_num_seqs,
-                       max_num_batched_tokens=sched.max_num_batched_tokens,
-                       max_model_len=max_model_len, page_size=config.cache.page_size,
-                       enable_prefix_caching=config.cache.enable_prefix_caching,
-                       vocab_size=cfg.vocab_size, seed=config.seed,
-                       async_scheduling=sched.async_scheduling)
+    engine = LLMEngine(runner, loaded.tokenizer, config, eos_token_ids=eos)
     engine.model_config = cfg
     return engine
 
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None, seed: int = 0,
-                 max_model_len: int | None = None, max_num_seqs: int = 16,
-                 max_num_batched_tokens: int = 256, page_size: int = 16,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, page_size: int = 16,
                  num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, linear_backend: str | None = None,
@@ -107,7 +96,8 @@ class LLM:
                  sharding_config: str | None = None, async_scheduling: bool = True,
                  compilation_cache_dir: str | None | object = "default", warmup: bool = True):
         """compilation_cache_dir: the persistent XLA cache folder ("default":
-        $XDG_CACHE_HOME/jaxserve/xla; None: off)."""
+        $XDG_CACHE_HOME/jaxserve/xla; None: off). Limits left None take the platform's
+        defaults (jaxserve.config: CPU 16 sequences / 256 tokens a step, GPU 256 / 8192)."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()

@@ -3,6 +3,7 @@ all give the tokens of one-request-at-a-time decoding, and the page pool is whol
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -157,4 +158,43 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(llm, expected, promp
     assert err.value.param == param
     ok = _prompts(1, seed=9)[0]
     assert llm.generate([ok], GREEDY)[0].outputs[0].token_ids == expected(ok)
+    _assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_samples_prefill_the_prompt_once(model_path, prefix_caching):
+    """n = 4 computes the prompt's K/V once: the other samples fork its full pages and compute
+    only the partial last page (21 tokens, pages of 8: 16 shared, 5 each)."""
+    llm = _llm(model_path, enable_prefix_caching=prefix_caching)
+    prompt = [3 + (7 * i) % 300 for i in range(21)]
+    scheduler = llm.engine.scheduler
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+
+    before = scheduler.num_prompt_tokens_computed
+    (one,) = llm.generate([prompt], params)
+    computed_one = scheduler.num_prompt_tokens_computed - before
+    llm.engine.block_manager.reset_prefix_cache()  # n = 4 must not reuse the n = 1 pages
+
+    before = scheduler.num_prompt_tokens_computed
+    (four,) = llm.generate([prompt], dataclasses.replace(params, n=4))
+    computed_four = scheduler.num_prompt_tokens_computed - before
+
+    assert computed_one == 21
+    assert computed_four == 21 + 3 * 5
+    # the shared pages hold the right K/V: sample i equals a lone request seeded seed + i
+    assert four.outputs[0].token_ids == one.outputs[0].token_ids
+    for i, out in enumerate(four.outputs):
+        (alone,) = llm.generate([prompt], dataclasses.replace(params, seed=3 + i))
+        assert out.token_ids == alone.outputs[0].token_ids
+    _assert_pool_whole(llm)
+
+
+def test_abort_n_samples_before_they_are_scheduled(llm):
+    """Aborting an n > 1 request while only sample 0 is in the scheduler finishes them all."""
+    engine = llm.engine
+    engine.add_request("n-abort", _prompts(1, seed=11)[0] * 3,
+                       SamplingParams(n=3, max_tokens=50, ignore_eos=True))
+    final = engine.abort_request("n-abort")
+    assert final.finished and [o.finish_reason for o in final.outputs] == ["abort"] * 3
+    assert not engine.has_unfinished_requests()
     _assert_pool_whole(llm)

@@ -330,14 +330,14 @@ def test_aborted_waiting_request_never_runs():
 
 
 def test_forked_request_starts_after_shared_pages():
-    """n > 1 samples: the engine forks a prefilled parent; the child skips the shared pages."""
+    """n > 1 samples: admission forks a prefilled parent's pages; the child skips them."""
     sched, model = make_scheduler(num_pages=32, page_size=4)
     parent = make_request("p", range(10), max_tokens=4)
     sched.add_request(parent)
     step(sched, model)  # prefill; parent.num_computed_tokens == 10
     child = make_request("c", range(10), max_tokens=4)
-    sched.block_manager.fork(parent, child)
-    sched.add_request(child)
+    child.shares_prompt_with = parent
+    sched.add_request(child, arrived_with=parent)
     sched.block_manager.check_invariants([parent, child])
     out, _ = step(sched, model)
     assert [(s.request_id, s.start_pos, s.num_new_tokens) for s in out.scheduled] == [

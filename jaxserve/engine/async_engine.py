@@ -32,6 +32,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
+        self.input_limits = engine.input_limits  # the server checks prompts by the same rules
         self.max_num_seqs = engine.scheduler.max_num_seqs  # the running batch's bound
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

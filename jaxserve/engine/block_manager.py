@@ -105,7 +105,7 @@ class BlockManager:
         step yields logits to sample from. Takes no references: pass the pages to
         allocate_slots(cached_pages=...) in the same scheduling pass.
         """
-        if not self.enable_prefix_caching or getattr(request, "skip_prefix_cache", False):
+        if not self.enable_prefix_caching or request.skip_prefix_cache:
             return [], 0  # (prompt logprobs need every prompt row computed)
         max_pages = (request.num_tokens - 1) // self.page_size
         pages = []
@@ -233,7 +233,7 @@ class BlockManager:
         if child.page_ids or child.num_computed_tokens:
             raise ValueError(f"fork target {child.request_id} already has pages or computed tokens")
         num_shared_tokens = min(parent.num_computed_tokens, child.num_tokens - 1)
-        num_shared = max(num_shared_tokens, 0) // self.page_size
+        num_shared = min(max(num_shared_tokens, 0) // self.page_size, len(parent.page_ids))
         shared_tokens = num_shared * self.page_size
         if parent.all_token_ids[:shared_tokens] != child.all_token_ids[:shared_tokens]:
             raise ValueError(f"cannot fork {parent.request_id} into {child.request_id}: "

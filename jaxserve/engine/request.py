@@ -8,8 +8,8 @@ token budget, which makes a prefill, a prefill chunk, a prefix-cache hit, a deco
 recompute after preemption the same thing (vLLM v1's model).
 
 Pure Python, no jax: the engine appends sampled ids here and this module decides when to stop.
-A request generates one sequence; the engine fans out n > 1 into n requests (they share prompt
-pages through the prefix cache or `BlockManager.fork`).
+A request generates one sequence; the engine fans out n > 1 into n requests (the later ones fork
+the first one's prompt pages: engine/output_assembly.py).
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ class Request:
     sampling_params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     eos_token_ids: frozenset[int] | int | Iterable[int] | None = None
+    # Randomness of an unseeded request's draws (the engine draws one per sample, so the n
+    # samples of a request differ); None: the sampler derives one from request_id.
+    sampling_salt: int | None = None
+    # Never take prompt pages from the prefix cache: prompt logprobs need every row computed.
+    skip_prefix_cache: bool = False
+    # Another sample of the same prompt (n > 1) whose full prompt pages this one forks when the
+    # scheduler admits it (BlockManager.fork), if that one still holds them.
+    shares_prompt_with: "Request | None" = None
 
     output_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
     # Tokens (prompt first, then output) whose K/V are written in this request's pages.

@@ -40,17 +40,13 @@ import collections
 import dataclasses
 
 from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.input_limits import RequestRejectedError
 from jaxserve.engine.request import Request, RequestStatus
+# in ScheduledSequence.token_ids: the token an in-flight step is sampling
+from jaxserve.engine.step_plan import PLACEHOLDER
 
-PLACEHOLDER = -1  # in ScheduledSequence.token_ids: the token an in-flight step is sampling
-
-
-class RequestRejectedError(ValueError):
-    """The request can never be served with this configuration; `param` names the culprit."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+__all__ = ["PLACEHOLDER", "RequestRejectedError", "ScheduledSequence", "Scheduler",
+           "SchedulerOutput"]
 
 
 @dataclasses.dataclass
@@ -125,6 +121,8 @@ class Scheduler:
         self._in_flight: collections.deque[SchedulerOutput] = collections.deque()
 
         self.num_preemptions = 0  # total over the scheduler's life (Prometheus counter)
+        # prompt positions whose K/V steps computed (prefix hits and forks skip theirs)
+        self.num_prompt_tokens_computed = 0
 
     # ------------------------------------------------------------------ queue state
 
@@ -154,8 +152,10 @@ class Scheduler:
             limit = min(limit, request.num_tokens + request.max_tokens)
         return max(request.num_tokens, limit - 1)
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request; raise RequestRejectedError if it could never be served."""
+    def add_request(self, request: Request, arrived_with: Request | None = None) -> None:
+        """Queue a request; raise RequestRejectedError if it could never be served.
+        arrived_with: a request whose place in arrival order this one shares (the engine's
+        later samples of an n > 1 request, queued once the first one's prompt is computed)."""
         if request.request_id in self.requests:
             raise RequestRejectedError("request_id", f"request id {request.request_id!r} is already in use")
         if request.num_tokens == 0:
@@ -173,6 +173,10 @@ class Scheduler:
                 f"{pool.num_pages * pool.page_size}; lower max_tokens or shorten the prompt")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        if arrived_with is not None:
+            self._arrival[request.request_id] = self._arrival[arrived_with.request_id]
+            self._insert_by_arrival(self.waiting, request)
+            return
         self._arrival[request.request_id] = self._next_arrival
         self._next_arrival += 1
         self.waiting.append(request)  # the newest arrival sorts last
@@ -249,13 +253,17 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
-                if request.page_ids:  # forked by the engine: already holds computed pages
+                forked = self._fork_prompt(request)
+                if forked:  # holds computed pages now
                     cached_pages, num_cached = None, 0
                 else:
                     cached_pages, num_cached = pool.get_computed_pages(request)
                 num_computed = request.num_computed_tokens + num_cached
                 num_new = min(request.num_tokens - num_computed, budget)
                 if not pool.allocate_slots(request, num_new, cached_pages=cached_pages):
+                    if forked:  # waiting requests hold no pages
+                        pool.free(request)
+                        request.num_computed_tokens = 0
                     break  # strict FCFS: the head waits for pages, and so does everyone behind it
                 self.waiting.pop(0)
                 if request.num_preemptions == 0:
@@ -279,6 +287,15 @@ class Scheduler:
             self._in_flight.append(out)
         return out
 
+    def _fork_prompt(self, request: Request) -> bool:
+        """At admission, share the full computed pages of request.shares_prompt_with (another
+        sample of the same prompt, see Request); False when it holds none to share."""
+        source = request.shares_prompt_with
+        if source is None or not source.page_ids:
+            return False
+        self.block_manager.fork(source, request)
+        return bool(request.page_ids)
+
     def _ends_in_flight(self, request: Request) -> bool:
         """A token in flight will reach max_tokens or max_model_len: the request ends with it."""
         if not request.num_output_placeholders:
@@ -300,6 +317,8 @@ class Scheduler:
             num_preemptions=request.num_preemptions,
             output_index=request.num_output_tokens_with_placeholders)
         request.num_computed_tokens = start + num_new
+        self.num_prompt_tokens_computed += max(
+            0, min(start + num_new, request.num_prompt_tokens) - start)
         if sample:
             request.num_output_placeholders += 1
         return seq

@@ -16,7 +16,7 @@ from jaxserve.models.batch import ForwardBatch
 
 
 class SeqInput(Protocol):
-    """One sequence's share of a step (the scheduler's ScheduledSequence satisfies this)."""
+    """One sequence's share of a step (engine.step_plan.StepSequence satisfies this)."""
     token_ids: list[int]   # new tokens, at positions start_pos .. start_pos + len - 1
     start_pos: int
     page_ids: list[int]    # the sequence's page table, covering every position so far

@@ -1,13 +1,14 @@
 """ModelRunner: owns params, the KV cache and the PRNG key; runs one bucketed step at a time.
 
-The engine hands it SeqInputs (what to compute) and per-sequence sampling inputs; it pads them to
-a compiled bucket, runs the jitted step with the cache donated (updated in place) and returns
-host arrays. Every bucket and variant is compiled in `warmup`, so serving never compiles.
+The engine hands it a StepPlan (engine/step_plan.py: the sequences to compute, their sampling
+inputs, the features the step needs); it pads it to a compiled bucket, runs the jitted step with
+the cache donated (updated in place) and returns host arrays. Every bucket and variant is
+compiled in `warmup`, so serving never compiles.
 
 `dispatch` returns as soon as the step is queued on the device (jax dispatches asynchronously)
 and `fetch` waits for its results, so the engine can prepare and queue step N+1 while step N
-runs. Steps run on the device in dispatch order; a token id -(i + 1) in a SeqInput reads what
-the previously dispatched step sampled for slot i (see step.py).
+runs. Steps run on the device in dispatch order; a token id in_flight_ref(i) in a StepSequence
+reads what the previously dispatched step sampled for slot i (see step.py).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine.step_plan import StepPlan
 from jaxserve.models.linear import pack_layer_matrices
 from jaxserve.runner import sampling
-from jaxserve.runner.batch import Buckets, SeqInput, pack_batch
+from jaxserve.runner.batch import Buckets, pack_batch
 from jaxserve.runner.compile_guard import cache_counts, compile_count
 from jaxserve.runner.linear_backend import resolve_linear_backend
 from jaxserve.parallel import ShardingPlan, lead_call, placement
@@ -53,12 +55,24 @@ class StepVariant(NamedTuple):
         return dict(use_penalties=self.extras, logprobs=self.extras)
 
 
+class PackedStep(NamedTuple):
+    """A StepPlan as host arrays padded to its variant's bucket: what run_packed runs, and what
+    the multi-host leader broadcasts to every process."""
+    variant: StepVariant
+    batch: object         # models.batch.ForwardBatch of numpy arrays
+    md: object            # sampling.SamplingMetadata of numpy arrays
+    targets: np.ndarray   # i32[T] prompt-logprob targets (i32[1] in other variants)
+
+
 class ModelRunner:
-    def __init__(self, loaded, config: EngineConfig, max_model_len: int, attention_fn,
-                 log=print):
+    def __init__(self, loaded, config: EngineConfig, attention_fn, log=print):
+        """config: resolved (EngineConfig.resolved), so every limit is a number here."""
+        if not config.scheduler.is_resolved:
+            raise ValueError("ModelRunner needs a resolved EngineConfig (EngineConfig.resolved)")
         self.cfg = loaded.config
         self.config = config
         sched = config.scheduler
+        max_model_len = sched.max_model_len
         self.buckets = Buckets.make(sched.max_num_batched_tokens, sched.max_num_seqs)
         self.page_size = config.cache.page_size
         self.max_model_len = max_model_len
@@ -142,7 +156,7 @@ class ModelRunner:
         todo = [v for v in variants if v not in self._executables]
         for variant in tqdm(todo, desc="compiling step variants", unit="variant",
                             file=sys.stderr, disable=not progress or not todo, leave=False):
-            self._run([], variant, [], prompt_targets=None)
+            self._run(StepPlan(), variant)
         jax.block_until_ready(self.kv_cache)
         self._warm_count = compile_count()
         hits, misses = cache_counts()
@@ -161,10 +175,9 @@ class ModelRunner:
         return compile_count() - (self._warm_count or 0)
 
     # -- one step --------------------------------------------------------------------------
-    def execute(self, seqs: list[SeqInput], sampling_inputs: list, *,
-                prompt_targets: list[list[int]] | None = None):
+    def execute(self, plan: StepPlan):
         """Run one step and wait for it: dispatch + fetch. Returns StepOutput as numpy."""
-        return self.fetch(self.dispatch(seqs, sampling_inputs, prompt_targets=prompt_targets))
+        return self.fetch(self.dispatch(plan))
 
     def fetch(self, pending):
         """Wait for a dispatched step's results; StepOutput as numpy."""
@@ -173,49 +186,51 @@ class ModelRunner:
         self.last_wait_seconds = time.perf_counter() - start
         return out
 
-    def dispatch(self, seqs: list[SeqInput], sampling_inputs: list, *,
-                 prompt_targets: list[list[int]] | None = None):
+    def dispatch(self, plan: StepPlan):
         """Queue one step on the device and return its pending StepOutput (device arrays) for
-        `fetch`. prompt_targets (per seq, the next-token ids of its rows, -1 where unknown) asks
-        for prompt logprobs of every row."""
-        num_tokens = sum(len(s.token_ids) for s in seqs)
-        t, s = self.buckets.pick(num_tokens, len(seqs))
-        extras = any(sampling.needs_penalties(x) or sampling.needs_logprobs(x)
-                     for x in sampling_inputs)
-        all_logits = prompt_targets is not None
-        if extras or all_logits:
-            s = self.buckets.seq_buckets[-1]
-            ts = self.extras_token_buckets(prompt_logprobs=all_logits)
-            t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
-        return self._run(seqs, StepVariant(t, s, extras or all_logits, all_logits),
-                         sampling_inputs, prompt_targets)
+        `fetch`."""
+        return self._run(plan, self.variant_for(plan))
 
-    def _pack(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
-        """Host arrays of one step, padded to the variant's bucket: (batch, md, targets)."""
+    def variant_for(self, plan: StepPlan) -> StepVariant:
+        """The compiled variant that runs `plan`: its bucket, and one extras program for
+        penalties and logprobs alike (a neutral penalty is exact)."""
+        num_tokens = plan.num_tokens
+        t, s = self.buckets.pick(num_tokens, plan.num_seqs)
+        features = plan.features
+        if features.any:
+            s = self.buckets.seq_buckets[-1]
+            ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
+            t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
+        return StepVariant(t, s, features.any, features.prompt_logprobs)
+
+    def _pack(self, plan: StepPlan, variant: StepVariant) -> PackedStep:
+        """Host arrays of one step, padded to the variant's bucket."""
         t, s = variant.num_tokens, variant.num_seqs
+        seqs = plan.sequences
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
         # a fixed history width keeps penalty steps at one shape per bucket
-        md = sampling.build_sampling_metadata(sampling_inputs, s, self.vocab_size,
+        md = sampling.build_sampling_metadata([q.sampling for q in seqs], s, self.vocab_size,
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len)
         # prompt-logprob targets per token row, read only by the prompt-logprob forward
         targets = np.zeros(t if variant.all_logits else 1, np.int32)
-        if prompt_targets is not None:
-            flat = [tok for per_seq in prompt_targets for tok in per_seq]
-            targets[:len(flat)] = np.maximum(np.asarray(flat, np.int32), 0)
-        return batch, md, targets
+        row = 0
+        for q in seqs:
+            if q.prompt_targets is not None and variant.all_logits:
+                targets[row:row + len(q.prompt_targets)] = np.maximum(q.prompt_targets, 0)
+            row += len(q.token_ids)
+        return PackedStep(variant, batch, md, targets)
 
-    def _run(self, seqs, variant: StepVariant, sampling_inputs, prompt_targets):
+    def _run(self, plan: StepPlan, variant: StepVariant):
         host_start = time.perf_counter()
         self.last_variant = variant
-        batch, md, targets = self._pack(seqs, variant, sampling_inputs, prompt_targets)
+        packed = self._pack(plan, variant)
         self.last_host_seconds = time.perf_counter() - host_start
         if self.multihost:  # every process runs the same step: broadcast process 0's inputs
-            return lead_call(self, "run_packed", batch, md, targets, variant.extras,
-                             variant.all_logits)
-        return self.run_packed(batch, md, targets, variant.extras, variant.all_logits)
+            return lead_call(self, "run_packed", packed)
+        return self.run_packed(packed)
 
     def _step_args(self, batch, md, targets, step_index: int, all_logits: bool):
         """Device arguments of one step: (its forward's, its sampler's without the logits);
@@ -241,8 +256,9 @@ class ModelRunner:
     def _compile_jobs(self, variant: StepVariant) -> list:
         """(key, compile thunk) for the two programs of a variant; variants that share a
         program (same shapes) share its key, so it compiles once."""
-        batch, md, targets = self._pack([], variant, [], None)
-        fwd_args, sample_args = self._step_args(batch, md, targets, 0, variant.all_logits)
+        packed = self._pack(StepPlan(), variant)
+        fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets, 0,
+                                                variant.all_logits)
         logits = jax.ShapeDtypeStruct((variant.num_seqs, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
@@ -272,17 +288,17 @@ class ModelRunner:
             self._executables[v] = tuple(_EXECUTABLES[key] for key, _ in pair)
         self._num_programs = len({key for pair in jobs.values() for key, _ in pair})
 
-    def run_packed(self, batch, md, targets, extras: bool, all_logits: bool):
-        """The device part of a step, on host arrays already padded to a bucket. `extras`:
-        the variant with token penalties and logprobs."""
+    def run_packed(self, packed: PackedStep):
+        """The device part of a step, on host arrays already padded to a bucket."""
         self._num_steps += 1
-        fwd_args, sample_args = self._step_args(batch, md, targets, self._num_steps, all_logits)
-        variant = StepVariant(len(batch.token_ids), len(batch.kv_lens), extras, all_logits)
+        variant = packed.variant
+        fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets,
+                                                self._num_steps, variant.all_logits)
         executables = self._executables.get(variant)
         if executables is not None:
             forward, sample = executables
         else:  # not compiled ahead (multi-host followers, or warm-up skipped): jit does it
-            forward = self._forward_fn(all_logits)
+            forward = self._forward_fn(variant.all_logits)
             sample = functools.partial(self._step.sample, **variant.sample_statics())
         self.kv_cache, logits, *prompt = forward(*fwd_args)  # prompt: [outputs] or []
         out, self._sampled = sample(logits, *sample_args)

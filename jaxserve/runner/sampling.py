@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from flax import struct
 
 from jaxserve.engine.sampling_params import (MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_TOKEN_IDS,
                                              SamplingParams)
+from jaxserve.engine.step_plan import SequenceSampling
 
 # Rows with a temperature below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_EPS = 1e-5
@@ -72,32 +73,20 @@ class SamplerOutput:
 
 # ---------------------------------------------------------------------------------- host side
 
-class SamplingInput(NamedTuple):
-    """One sequence's sampling inputs. The builder also takes plain tuples in this order and
-    Request-like objects (sampling_params, prompt_token_ids, output_token_ids, eos_token_ids,
-    and optionally sampling_salt)."""
-    params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-    eos_token_ids: Sequence[int] | frozenset[int] = ()
-    salt: int | None = None
-    # Outputs sampled by steps still in flight (async scheduling), after output_token_ids: they
-    # count toward min_tokens and the seeded draw index; penalty steps need none in flight.
-    num_in_flight: int = 0
-
-
-def _as_input(x: Any) -> SamplingInput:
-    """Normalise one builder input; salt stays None when the caller gave none."""
-    if isinstance(x, SamplingInput):
+def _as_input(x: Any) -> SequenceSampling:
+    """One builder input as SequenceSampling: the engine passes those; tests and tools may pass
+    a tuple in its field order or a Request-like object (sampling_params, prompt_token_ids,
+    output_token_ids, eos_token_ids, sampling_salt)."""
+    if isinstance(x, SequenceSampling):
         return x
     if isinstance(x, tuple):
-        return SamplingInput(*x)
+        return SequenceSampling(*x)
     if hasattr(x, "sampling_params"):  # engine.request.Request, without importing it
         salt = getattr(x, "sampling_salt", None)
         if salt is None:  # a stable per-request number when the engine drew none
             salt = zlib.crc32(str(getattr(x, "request_id", "")).encode())
-        return SamplingInput(x.sampling_params, x.prompt_token_ids, x.output_token_ids,
-                             getattr(x, "eos_token_ids", ()) or (), salt)
+        return SequenceSampling(x.sampling_params, x.prompt_token_ids, x.output_token_ids,
+                                getattr(x, "eos_token_ids", ()) or (), salt)
     raise TypeError(f"cannot read sampling inputs from {type(x).__name__}")
 
 

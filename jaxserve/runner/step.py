@@ -12,7 +12,8 @@ top-20 of the sampled rows; off, a step computes no logprob at all) and `all_log
 logprobs: logits, log_softmax and top-20 for every row).
 
 Async scheduling: the host packs step N+1 before it knows step N's tokens. A row whose token id
-is negative, -(i + 1), takes the token step N sampled for its sequence slot i from
+is negative, in_flight_ref(i) = -(i + 1) (engine/step_plan.py), takes the token step N sampled
+for its sequence slot i from
 `prev_sampled` (step N's `sampled`, still on the device), so no round trip to the host sits
 between two steps. `sampled` has a fixed length (the largest sequence bucket) so that feeding
 it back never adds a compiled shape.
@@ -48,7 +49,8 @@ class StepOutput:
 def _forward(params, kv_cache, batch, prev_sampled, *, forward):
     """The model part of a step: (kv_cache, logits f32[N, V]) for the rows batch.logits_indices."""
     ids = batch.token_ids  # i32[T]
-    from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]  # prev_sampled: i32[S_max]
+    # ids < 0 are in_flight_refs (engine/step_plan.py); prev_sampled: i32[S_max]
+    from_device = prev_sampled[jnp.maximum(-ids - 1, 0)]
     batch = batch.replace(token_ids=jnp.where(ids < 0, from_device, ids))
     return forward(params, kv_cache, batch)
 

@@ -34,6 +34,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request):
     # The template already wrote any BOS; adding special tokens again would double it.
     ids = await ctx.encode(text, add_special_tokens=False)
 
+    ctx.check_prompt(ids)
     mt_name, mt = req.max_tokens_param
     kw = req.sampling_kwargs()
     kw["max_tokens"] = ctx.max_tokens_for(len(ids), mt, mt_name, user_set=mt is not None)

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 
-from jaxserve.server.errors import SafeJSONResponse, bad_request
+from jaxserve.server.errors import SafeJSONResponse
 from jaxserve.server.logprobs import completion_logprobs
 from jaxserve.server.protocol import CompletionRequest
 from jaxserve.server.serving import (SSEStream, ServingContext, created_now, new_id,
@@ -25,13 +25,8 @@ async def create_completion(ctx: ServingContext, request: Request):
 
     prompts = []
     for p in req.prompt:
-        if isinstance(p, str):
-            ids = await ctx.encode(p, req.add_special_tokens)
-        else:
-            ctx.check_token_ids(p, "prompt")
-            ids = list(p)
-        if not ids:
-            raise bad_request("The prompt cannot be empty.", "prompt")
+        ids = await ctx.encode(p, req.add_special_tokens) if isinstance(p, str) else list(p)
+        ctx.check_prompt(ids)
         prompts.append((p if isinstance(p, str) else None, ids))
 
     user_set = "max_tokens" in req.model_fields_set and req.max_tokens is not None

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from jaxserve.engine.input_limits import RequestRejectedError
 from jaxserve.engine.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import (APIError, bad_request, from_validation_error, safe_dumps,
                                     sse_error_event)
@@ -134,23 +135,23 @@ class ServingContext:
                            "--max-queued-requests). Retry later.", headers={"Retry-After": "1"})
         return Admission(self, n)
 
+    def check_prompt(self, ids: list[int]) -> None:
+        """The engine's own prompt rules (engine/input_limits.py), asked before anything
+        starts, so a request with several prompts fails whole, before any of them runs."""
+        try:
+            self.engine.input_limits.check_prompt(ids)
+        except RequestRejectedError as e:
+            raise bad_request(str(e), e.param) from None
+
     def max_tokens_for(self, num_prompt: int, max_tokens: int | None, param: str,
                        user_set: bool) -> int:
-        """vLLM's context-length rules: the prompt must leave room for one token; an explicit
-        max_tokens that does not fit is an error, a default one is clamped to what fits."""
-        limit = self.engine.max_model_len
-        if num_prompt >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. "
-                           f"However, your prompt contains {num_prompt} input tokens. Please "
-                           "reduce the length of the input messages.", "input_tokens")
-        room = limit - num_prompt
-        if max_tokens is None or (max_tokens > room and not user_set):
-            return room
-        if max_tokens > room:
-            raise APIError(400, f"'{param}' is too large: {max_tokens}. This model's maximum "
-                           f"context length is {limit} tokens and your request has {num_prompt} "
-                           f"input tokens ({max_tokens} > {limit} - {num_prompt}).", param)
-        return max_tokens
+        """The engine's context-length rule: an explicit max_tokens that does not fit is an
+        error (on `param`, the name the client used), a default one is clamped to what fits."""
+        try:
+            return self.engine.input_limits.max_tokens(num_prompt, max_tokens, explicit=user_set,
+                                                       param=param)
+        except RequestRejectedError as e:
+            raise bad_request(str(e), e.param) from None
 
     def sampling_params(self, kwargs: dict[str, Any], rename: dict[str, str] | None = None
                         ) -> SamplingParams:
@@ -158,7 +159,7 @@ class ServingContext:
         error names the field, renamed where the client used another name for it."""
         try:
             params = SamplingParams(**kwargs)
-            params.verify_token_ids(len(self.engine.tokenizer))
+            params.verify_token_ids(self.engine.input_limits.vocab_size)
             return params
         except SamplingParamsError as e:
             raise bad_request(str(e), (rename or {}).get(e.param, e.param)) from None
@@ -170,10 +171,10 @@ class ServingContext:
         return tok.encode(text, add_special_tokens=add_special_tokens)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = len(self.engine.tokenizer)
-        for t in ids:
-            if not 0 <= t < vocab:
-                raise bad_request(f"Token id {t} is out of vocabulary (size {vocab}).", param)
+        try:
+            self.engine.input_limits.check_token_ids(ids, param)
+        except RequestRejectedError as e:
+            raise bad_request(str(e), e.param) from None
 
     # -- the engine call ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import time
 
+from jaxserve.engine.input_limits import InputLimits
 from jaxserve.engine.outputs import CompletionOutput, RequestOutput
 
 CORPUS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -57,6 +58,8 @@ class FakeEngine:
         self.tokenizer = build_tokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        # the real engine's rules, as AsyncEngine exposes them to the server
+        self.input_limits = InputLimits(max_model_len, len(self.tokenizer))
         self.max_num_seqs = max_num_seqs  # the server's capacity reads it, as from AsyncEngine
         self.token_delay = token_delay  # seconds per generated token
         self.requests: dict[str, tuple[list[int], object]] = {}
@@ -120,8 +123,7 @@ class FakeEngine:
     async def generate(self, request_id, prompt_token_ids, params, prompt=None):
         if not self.is_running():
             raise RuntimeError("engine is not running")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError("prompt too long for the fake engine")
+        self.input_limits.check(prompt_token_ids, params)  # as LLMEngine.add_request does
         text = prompt if prompt is not None else self.tokenizer.decode(prompt_token_ids)
         if "engine-reject" in text:
             raise ValueError("the fake engine rejects this prompt")

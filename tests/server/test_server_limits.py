@@ -138,3 +138,43 @@ def test_capacity_is_the_engines_batch_bound_plus_the_queue(fresh_server):
     assert_error(httpx.post(s.url + C, json=_completion(n=5), timeout=10), 503)
     r = httpx.post(s.url + C, json=_completion(n=4), timeout=10)
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+# -- one owner for the context and vocabulary rules ------------------------------------------
+
+def _engine_verdict(call) -> tuple[str, str]:
+    """(param, message) of the engine's own rule (engine/input_limits.py), called directly."""
+    from jaxserve.engine.input_limits import RequestRejectedError
+    with pytest.raises(RequestRejectedError) as err:
+        call()
+    return err.value.param, str(err.value)
+
+
+@pytest.mark.parametrize("path,body,verdict", [
+    (C, {"prompt": [5] * 128, "max_tokens": 1},
+     lambda lim: lim.check_prompt([5] * 128)),
+    (C, {"prompt": [5, 3, 100_000], "max_tokens": 1},
+     lambda lim: lim.check_prompt([5, 3, 100_000])),
+    (C, {"prompt": [5] * 100, "max_tokens": 29},
+     lambda lim: lim.max_tokens(100, 29, explicit=True)),
+    (CC, {"messages": CHAT, "max_completion_tokens": 500},
+     None),  # the chat prompt's length depends on the template: checked by param below
+])
+def test_server_reports_the_engines_own_verdict(server, path, body, verdict):
+    """The server holds no copy of these rules: its 400 is the engine's error, word for word."""
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    if verdict is None:
+        assert_error(r, 400, "max_completion_tokens")
+        assert "'max_completion_tokens' is too large: 500" in r.json()["error"]["message"]
+        return
+    param, message = _engine_verdict(lambda: verdict(server.engine.input_limits))
+    assert_error(r, 400, param)
+    assert r.json()["error"]["message"] == message
+
+
+def test_default_max_tokens_is_clamped_to_the_context(server):
+    """A completion's default max_tokens (16) shrinks to what fits; an explicit one is an
+    error (above); the prompt still needs room for one token."""
+    r = httpx.post(server.url + C, json={"prompt": [5] * 120}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 128 - 120

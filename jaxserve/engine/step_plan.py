@@ -1,0 +1,104 @@
+"""The step contract: what the engine asks the runner to compute in one step, as one value.
+
+The engine (host, no jax) turns a SchedulerOutput into a StepPlan; the runner pads it to a
+compiled bucket, picks the compiled variant from `plan.features`, and runs it. Everything the
+device needs to know about a step is in here, so a new per-step input (a grammar mask, draft
+tokens) is one new field, not a new positional argument threaded through dispatch, the packing,
+the multi-host broadcast and warm-up.
+
+In-flight tokens (async scheduling): the scheduler marks a token that the step still running on
+the device is sampling with PLACEHOLDER. The engine knows which sequence slot of that step
+samples it and writes `in_flight_ref(slot)` instead; the step reads the token on the device
+(step.py: prev_sampled[-ref - 1]). PLACEHOLDER is far below every reference (slots are < 2**20),
+so a placeholder that was never resolved is caught, not read as slot 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from jaxserve.engine.sampling_params import SamplingParams
+
+PLACEHOLDER = -(2 ** 31)  # int32 min: a token the in-flight step samples, not yet resolved
+_MAX_SLOTS = 2 ** 20
+
+
+def in_flight_ref(slot: int) -> int:
+    """The token id that makes the step read what the previous step sampled for `slot`."""
+    if not 0 <= slot < _MAX_SLOTS:
+        raise ValueError(f"sequence slot {slot} is out of range")
+    return -(slot + 1)
+
+
+def in_flight_slot(token_id: int) -> int | None:
+    """The slot an in_flight_ref names, or None for an ordinary token id."""
+    return -token_id - 1 if -_MAX_SLOTS <= token_id < 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFeatures:
+    """What a step computes beyond the plain forward and sample: each is a static flag of the
+    compiled step (runner.StepVariant), so a step without them never pays for them."""
+    penalties: bool = False        # repetition / frequency / presence: needs the token history
+    logprobs: bool = False         # logprobs (and top-20) of the sampled tokens
+    prompt_logprobs: bool = False  # logits of every token row, not only the sampled ones
+
+    @property
+    def any(self) -> bool:
+        return self.penalties or self.logprobs or self.prompt_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSampling:
+    """One sequence's sampling inputs (runner/sampling.py packs them into array rows)."""
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # known on the host
+    eos_token_ids: frozenset[int] | Sequence[int] = frozenset()
+    # per-request randomness of unseeded rows (seeded rows use their seed); None: the row
+    # number stands in
+    salt: int | None = None
+    # Outputs sampled by steps still in flight, after output_token_ids: they count toward
+    # min_tokens and the seeded draw index. Steps with penalties have none in flight.
+    num_in_flight: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSequence:
+    """One sequence's share of a step: feed token_ids at positions start_pos.. (a prefill
+    chunk, a decode token, a recompute after preemption: all the same thing)."""
+    token_ids: list[int]  # ordinary ids, or in_flight_ref(slot)
+    start_pos: int
+    page_ids: list[int]   # its page table, covering every position up to the step's end
+    sampling: SequenceSampling
+    # prompt logprobs only: per token row, the prompt token it predicts (-1 past the prompt)
+    prompt_targets: list[int] | None = None
+
+    def __post_init__(self):
+        if PLACEHOLDER in self.token_ids:
+            raise ValueError("a step sequence still holds an unresolved in-flight placeholder")
+        if self.prompt_targets is not None and len(self.prompt_targets) != len(self.token_ids):
+            raise ValueError("prompt_targets needs one entry per token row")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Everything one step computes, in sequence-slot order (slot i = sequences[i])."""
+    sequences: tuple[StepSequence, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def features(self) -> StepFeatures:
+        params = [s.sampling.params for s in self.sequences]
+        return StepFeatures(
+            penalties=any(p.uses_penalties for p in params),
+            logprobs=any(p.logprobs is not None for p in params),
+            prompt_logprobs=any(s.prompt_targets is not None for s in self.sequences))
