@@ -112,7 +112,7 @@ def test_random_weights_are_made_on_the_device_and_fit_the_runner():
     assert sum(x.size for x in leaves) == num_params(cfg)
     assert float(model.params["final_norm"][0]) == 1.0
     settings = EngineSettings(max_num_seqs=2, max_num_batched_tokens=16, num_pages=8)
-    runner = ModelRunner(model, settings.engine_config("random:tiny", None, 64), 64,
+    runner = ModelRunner(model, settings.engine_config("random:tiny", None, 64),
                          resolve_attention(None)[1], log=lambda _: None)
     assert runner.plan.weight_bytes == num_params(cfg) * 4  # no warm-up: nothing compiled
 
@@ -126,14 +126,26 @@ def test_throughput_smoke_with_transformers(tmp_path):
     assert [r["workload"] for r in data["results"]] == ["128/128", "1000/1000", "sharegpt"]
     for r in data["results"]:
         assert r["compiles_since_warmup"] == 0 and r["compiles_during_run"] == 0
-        assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
+        # the rates are the workload's own counts over the measured time
+        assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["elapsed_s"])
+        assert r["requests_per_s"] == pytest.approx(r["num_prompts"] / r["elapsed_s"])
         assert 0 < r["fraction_of_roofline"] < 1.5  # a floor: ~never beaten, CPU noise aside
-        assert r["mean_host_ms_per_step"] > 0
+        assert r["fraction_of_roofline"] == pytest.approx(r["workload_floor_s"] / r["elapsed_s"])
+        # the host's share of a step is part of the step: no more than its wall time
+        assert 0 < r["mean_host_ms_per_step"] <= r["mean_step_ms"]
+        # a step samples at most one token per request: at least the mean output length
+        assert r["steps"] >= r["output_tokens"] / r["num_prompts"]
         # same weights, same prompts, greedy: transformers must produce the same tokens
         assert r["greedy_agreement"] == 1.0
-        assert r["speedup_vs_transformers"] > 0
-        assert r["async_scheduling"] and r["overlapped_steps"] > 0
-        assert r["async_speedup"] > 0 and r["async_sync_identical"] == 1.0
+        hf = r["transformers"]
+        assert r["speedup_vs_transformers"] == pytest.approx(
+            r["output_tokens_per_s"] / hf["output_tokens_per_s"])
+        assert hf["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / hf["elapsed_s"])
+        # all but the first step of a run are dispatched while the one before still runs
+        assert r["async_scheduling"] and r["overlapped_steps"] >= r["dispatched_steps"] // 2
+        assert r["async_sync_identical"] == 1.0
+        assert r["async_speedup"] == pytest.approx(  # one round: the ratio of its two runs
+            r["output_tokens_per_s"] / r["sync_scheduling"]["output_tokens_per_s"])
     assert data["results"][1]["input_tokens"] == 4 * round(1000 / 32)
 
 
@@ -209,9 +221,13 @@ def test_serving_against_fake_server(fake_server, tmp_path):
     assert data["max_concurrent_requests"] <= 3
     assert data["request_goodput"] == pytest.approx(data["request_throughput"])
     for name in ("ttft", "tpot", "itl", "e2el"):
-        for stat in ("mean", "median", "p50", "p90", "p99"):
-            assert data[f"{stat}_{name}_ms"] >= 0
-    assert data["mean_itl_ms"] >= 1.5          # the fake sleeps 2 ms per chunk
+        assert data[f"median_{name}_ms"] == data[f"p50_{name}_ms"]
+        assert data[f"p50_{name}_ms"] <= data[f"p90_{name}_ms"] <= data[f"p99_{name}_ms"]
+    # the fake sleeps 2 ms before each of its 6 chunks
+    assert data["mean_ttft_ms"] >= 1.5 and data["mean_itl_ms"] >= 1.5
+    assert data["mean_tpot_ms"] >= 1.5 and data["mean_e2el_ms"] >= 6 * 1.5
+    # per request e2el = ttft + 5 tpot, so their means too
+    assert data["mean_e2el_ms"] == pytest.approx(data["mean_ttft_ms"] + 5 * data["mean_tpot_ms"])
     assert all(len(itl) == 5 for itl in data["itls"])
     sent = _FakeOpenAI.received
     assert len(sent) == 8 and all(b["model"] == "fake-model" and b["ignore_eos"] for b in sent)
