@@ -6,16 +6,17 @@ in jax.
 
 from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput"]
 
 
 def __getattr__(name: str):
     if name == "LLM":
         from jaxserve.llm import LLM
         return LLM
-    if name == "SamplingParams":
-        from jaxserve.engine.sampling_params import SamplingParams
-        return SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from jaxserve.engine import sampling_params
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from jaxserve.engine import outputs
         return getattr(outputs, name)

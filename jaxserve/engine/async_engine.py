@@ -107,7 +107,18 @@ class AsyncEngine:
         return dict(num_running=sched.num_running, num_waiting=sched.num_waiting,
                     kv_cache_usage=bm.usage, prefix_cache_queries=bm.prefix_queries,
                     prefix_cache_hits=bm.prefix_hits, num_preemptions=sched.num_preemptions,
-                    num_free_pages=bm.num_free_pages, num_pages=bm.num_pages)
+                    num_free_pages=bm.num_free_pages, num_pages=bm.num_pages,
+                    structured_output_requests=e.num_structured_requests,
+                    grammar_compiles=e.grammar.num_compiles,
+                    grammar_compile_seconds=e.grammar.compile_seconds,
+                    grammar_mask_seconds=e.mask_seconds)
+
+    async def compile_grammar(self, spec, param: str | None = None) -> None:
+        """Compile (or find cached) a request's constraint off the event loop and the step
+        loop, so a bad grammar is a 400 before the request is queued; raises
+        RequestRejectedError naming `param`."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.engine.grammar.compile, spec, param)
 
     # -- the loop thread ----------------------------------------------------------------------
     def _loop(self) -> None:

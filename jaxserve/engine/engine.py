@@ -7,19 +7,22 @@ step N+1 first, then waits for step N and processes its tokens, so the host's sc
 packing, detokenizing and output building run while the device computes. Step N+1 reads the
 tokens step N sampled straight from the device (step_plan.in_flight_ref). The price is at most
 one wasted row for a request that step N ends (EOS, stop string), dropped on arrival. Steps
-with penalty requests in the system run synchronously: penalties need every output token on
-the host.
+run synchronously while a request with penalties or structured output is in the system: both
+need every output token on the host, penalties for the history, structured output to advance
+its grammar before the next step's mask (engine/grammar.py) is filled.
 
 Host-side only: the runner (device side) is handed in, so this module never imports jax.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.input_limits import InputLimits, RequestRejectedError
 from jaxserve.engine.output_assembly import RequestState
 from jaxserve.engine.outputs import RequestOutput
@@ -27,6 +30,9 @@ from jaxserve.engine.request import Request, RequestStatus
 from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
 from jaxserve.engine.step_plan import SequenceSampling, StepPlan, StepSequence, in_flight_ref
+
+
+log = logging.getLogger("jaxserve.engine")
 
 
 class _DeviceStep:
@@ -61,6 +67,9 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.async_scheduling = sched.async_scheduling
         self._in_flight: _DeviceStep | None = None
+        self.grammar = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_token_ids)
+        self.num_structured_requests = 0
+        self.mask_seconds = 0.0  # host time filling structured-output masks
         self.num_steps = 0
         self.num_overlapped_steps = 0  # dispatched while the previous step still ran
 
@@ -78,7 +87,11 @@ class LLMEngine:
         state = RequestState.fan_out(request_id, text, ids, params, self.tokenizer,
                                      self.eos_token_ids, self._rng,
                                      arrival_time or time.monotonic())
+        if params.structured_outputs is not None:  # a bad grammar raises here, a 400
+            for sample in state.samples:
+                sample.matcher = self.grammar.new_matcher(params.structured_outputs)
         self.scheduler.add_request(state.samples[0].request)  # may reject: nothing to undo
+        self.num_structured_requests += params.structured_outputs is not None
         for i, sample in enumerate(state.samples):
             self._parent_of[sample.request.request_id] = (request_id, i)
         self._states[request_id] = state
@@ -115,7 +128,24 @@ class LLMEngine:
         return self._process(current)
 
     def _needs_sync(self) -> bool:
-        return any(s.params.uses_penalties for s in self._states.values())
+        return any(s.params.uses_penalties or s.params.structured_outputs is not None
+                   for s in self._states.values())
+
+    def _token_bitmasks(self, sched: SchedulerOutput) -> dict[int, object]:
+        """slot -> i32[ceil(V/32)] allowed-token mask, for the sampled constrained rows."""
+        constrained = []
+        for slot, s in enumerate(sched.scheduled):
+            state = self._state_of(s.request)
+            if s.sample and state is not None and state.params.structured_outputs is not None:
+                if s.output_index != s.request.num_output_tokens:
+                    raise RuntimeError("a constrained row was scheduled with a token in flight")
+                constrained.append((slot, state.samples[self._index_of(s.request)].matcher))
+        if not constrained:
+            return {}
+        start = time.perf_counter()
+        masks = self.grammar.fill_bitmasks([m for _, m in constrained])
+        self.mask_seconds += time.perf_counter() - start
+        return {slot: masks[i] for i, (slot, _) in enumerate(constrained)}
 
     def _dispatch(self, sched: SchedulerOutput, previous: _DeviceStep | None) -> _DeviceStep | None:
         if sched.is_empty:
@@ -123,7 +153,8 @@ class LLMEngine:
         now = time.monotonic()
         sequences = []
         wants_prompt_logprobs = False
-        for s in sched.scheduled:
+        bitmasks = self._token_bitmasks(sched)
+        for slot, s in enumerate(sched.scheduled):
             req = s.request
             state = self._state_of(req)
             targets = None
@@ -142,7 +173,8 @@ class LLMEngine:
             sampling = SequenceSampling(req.sampling_params, req.prompt_token_ids,
                                         req.output_token_ids, req.eos_token_ids,
                                         req.sampling_salt,
-                                        num_in_flight=s.output_index - req.num_output_tokens)
+                                        num_in_flight=s.output_index - req.num_output_tokens,
+                                        token_bitmask=bitmasks.get(slot))
             sequences.append(StepSequence(token_ids, s.start_pos, s.page_ids, sampling, targets))
         pending = self.runner.dispatch(StepPlan(tuple(sequences)))
         self.num_steps += 1
@@ -174,6 +206,8 @@ class LLMEngine:
                 continue
             sample = state.samples[self._index_of(req)]
             sample.record_logprobs(out, step.slot_of[req.request_id], state.params.logprobs or 0)
+            if sample.matcher is not None:
+                self._advance_grammar(req, sample.matcher)
             _, stop_str = sample.detok.add_token(req.output_token_ids[-1],
                                                  finish_reason=req.finish_reason)
             if stop_str is not None and not req.is_finished:
@@ -181,6 +215,20 @@ class LLMEngine:
                                               stop_reason=stop_str)  # frees its pages now
             touched[state.request_id] = state
         return [self._output(state) for state in touched.values()]
+
+    def _advance_grammar(self, req: Request, matcher) -> None:
+        """Feed the sampled token to the request's grammar. Once the grammar is complete its
+        mask allows only EOS, which ends the request as "stop"; a request that ignores EOS (or
+        a token the grammar refuses, which the mask makes impossible) is finished here."""
+        token = req.output_token_ids[-1]
+        if req.is_finished and token in req.eos_token_ids:
+            return
+        if not matcher.consume_token(token):
+            log.error("request %s: sampled token %d outside its grammar (%s); finishing it",
+                      req.request_id, token, matcher.get_error())
+        if (matcher.is_stopped() or matcher.is_error()) and not req.is_finished \
+                and (req.sampling_params.ignore_eos or matcher.is_error()):
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
 
     # -- helpers ------------------------------------------------------------------------------
     def _state_of(self, req: Request) -> RequestState | None:

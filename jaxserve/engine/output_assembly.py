@@ -27,6 +27,7 @@ class SampleState:
     # as in vLLM, only for requests that ask for logprobs: other steps do not compute them
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float | None = None
+    matcher: object = None  # structured output: its llguidance matcher (engine/grammar.py)
 
     def record_logprobs(self, out, slot: int, num_top: int) -> None:
         """Append the logprobs of the token step output `out` sampled in `slot`."""

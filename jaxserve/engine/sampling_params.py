@@ -9,6 +9,7 @@ these into fixed-width arrays, hence the two size caps below.
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import math
 import numbers
 
@@ -31,6 +32,97 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+# A grammar, schema, regex or choice list of one request, as canonical text: llguidance builds
+# its parser in time and memory that grow with it.
+MAX_STRUCTURED_OUTPUT_CHARS = 100_000
+MAX_CHOICES = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrained decoding, as vLLM 0.33 names it: exactly one of a JSON schema (`json`, a dict
+    or its JSON text), `regex`, `choice` (the output is one of these strings), `grammar` (Lark,
+    or GBNF/EBNF as llguidance converts it) or `json_object` (any JSON object). The engine
+    compiles it with llguidance (engine/grammar.py) and masks every step's logits with it."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON only: no whitespace between tokens (compact output; vLLM's option of this name)
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", "structured_outputs needs exactly one "
+                                      "of json, regex, choice, grammar and json_object, got "
+                                      f"{given or 'none'}.")
+        param = f"structured_outputs.{given[0]}"
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = _json.loads(self.json)
+                except ValueError as e:
+                    raise SamplingParamsError(param, f"the JSON schema is not valid JSON: {e}") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise SamplingParamsError(param, "a JSON schema must be an object or a boolean.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise SamplingParamsError(f"structured_outputs.{name}",
+                                          f"{name} must be a non-empty string.")
+        if self.choice is not None:
+            if (isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple))
+                    or not self.choice or not all(isinstance(c, str) for c in self.choice)):
+                raise SamplingParamsError(param, "choice must be a non-empty list of strings.")
+            if len(self.choice) > MAX_CHOICES:
+                raise SamplingParamsError(param, f"choice can hold at most {MAX_CHOICES} strings, "
+                                          f"got {len(self.choice)}.")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise SamplingParamsError("structured_outputs.json_object",
+                                      "json_object must be a boolean.")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise SamplingParamsError("structured_outputs.disable_any_whitespace",
+                                      "disable_any_whitespace must be a boolean.")
+        try:
+            canonical = self.key[1]
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON, or nested too deep
+            raise SamplingParamsError(param, f"the JSON schema cannot be serialized: {e}") from None
+        if len(canonical) > MAX_STRUCTURED_OUTPUT_CHARS:
+            raise SamplingParamsError(param, f"the {given[0]} constraint can have at most "
+                                      f"{MAX_STRUCTURED_OUTPUT_CHARS} characters, got "
+                                      f"{len(canonical)}.")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+    @property
+    def param(self) -> str:
+        """The field that errors about this constraint name."""
+        return f"structured_outputs.{self.kind}"
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, canonical text, compact JSON): equal constraints share one compiled grammar."""
+        kind = self.kind
+        compact = self.disable_any_whitespace and kind in ("json", "json_object")
+        if kind == "json":
+            schema = _json.loads(self.json) if isinstance(self.json, str) else self.json
+            return kind, _json.dumps(schema, sort_keys=True, separators=(",", ":")), compact
+        if kind == "choice":
+            return kind, _json.dumps(list(self.choice)), compact
+        if kind == "json_object":
+            return kind, '{"type":"object"}', compact
+        return kind, getattr(self, kind), compact
 
 
 def _is_int(x) -> bool:
@@ -62,8 +154,19 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # JSON gives string keys: converted to int
     skip_special_tokens: bool = True
+    # constrained decoding (a dict of StructuredOutputsParams' fields is converted)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise SamplingParamsError("structured_outputs", str(e)) from None
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", "structured_outputs must be a "
+                                      "StructuredOutputsParams.")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -43,10 +43,11 @@ class StepFeatures:
     penalties: bool = False        # repetition / frequency / presence: needs the token history
     logprobs: bool = False         # logprobs (and top-20) of the sampled tokens
     prompt_logprobs: bool = False  # logits of every token row, not only the sampled ones
+    token_bitmask: bool = False    # structured output: some rows may sample only some tokens
 
     @property
     def any(self) -> bool:
-        return self.penalties or self.logprobs or self.prompt_logprobs
+        return self.penalties or self.logprobs or self.prompt_logprobs or self.token_bitmask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,9 @@ class SequenceSampling:
     # Outputs sampled by steps still in flight, after output_token_ids: they count toward
     # min_tokens and the seeded draw index. Steps with penalties have none in flight.
     num_in_flight: int = 0
+    # structured output: i32[ceil(V/32)], bit v % 32 of word v // 32 set where token v is
+    # allowed (engine/grammar.py); None: every token is
+    token_bitmask: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,4 +105,5 @@ class StepPlan:
         return StepFeatures(
             penalties=any(p.uses_penalties for p in params),
             logprobs=any(p.logprobs is not None for p in params),
-            prompt_logprobs=any(s.prompt_targets is not None for s in self.sequences))
+            prompt_logprobs=any(s.prompt_targets is not None for s in self.sequences),
+            token_bitmask=any(s.sampling.token_bitmask is not None for s in self.sequences))

@@ -47,12 +47,12 @@ class StepVariant(NamedTuple):
     """The static part of a step: its bucket shape and which extras it computes."""
     num_tokens: int   # T, token rows
     num_seqs: int     # S, sequence slots
-    extras: bool      # token penalties and logprobs of the sampled tokens
+    extras: bool      # token penalties, logprobs of the sampled tokens, structured output masks
     all_logits: bool  # prompt logprobs: every row's logits (implies extras)
 
     def sample_statics(self) -> dict:
         """The sampler program's static arguments for this variant."""
-        return dict(use_penalties=self.extras, logprobs=self.extras)
+        return dict(use_penalties=self.extras, logprobs=self.extras, use_bitmask=self.extras)
 
 
 class PackedStep(NamedTuple):
@@ -193,7 +193,8 @@ class ModelRunner:
 
     def variant_for(self, plan: StepPlan) -> StepVariant:
         """The compiled variant that runs `plan`: its bucket, and one extras program for
-        penalties and logprobs alike (a neutral penalty is exact)."""
+        penalties, logprobs and token bitmasks alike (a neutral penalty and an all-ones mask
+        are exact)."""
         num_tokens = plan.num_tokens
         t, s = self.buckets.pick(num_tokens, plan.num_seqs)
         features = plan.features
@@ -213,7 +214,8 @@ class ModelRunner:
         # a fixed history width keeps penalty steps at one shape per bucket
         md = sampling.build_sampling_metadata([q.sampling for q in seqs], s, self.vocab_size,
                                               use_penalties=variant.extras,
-                                              penalty_width=self.max_model_len)
+                                              penalty_width=self.max_model_len,
+                                              use_bitmask=variant.extras)
         # prompt-logprob targets per token row, read only by the prompt-logprob forward
         targets = np.zeros(t if variant.all_logits else 1, np.int32)
         row = 0

@@ -61,6 +61,9 @@ class SamplingMetadata:
     forbidden_ids: jnp.ndarray       # i32[S, M]  EOS + stop_token_ids while < min_tokens, -1 padded
     penalty_token_ids: jnp.ndarray   # i32[S, W]  prompt then output ids, -1 padded (W=1: unused)
     num_prompt_tokens: jnp.ndarray   # i32[S]     where the outputs start in penalty_token_ids
+    # i32[S, M]: structured output, bit v % 32 of word v // 32 set where token v may be sampled;
+    # -1 (all set) for unconstrained rows. M = ceil(V/32) with use_bitmask, else 1 (unused).
+    token_bitmask: jnp.ndarray
 
 
 @struct.dataclass
@@ -115,7 +118,8 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
                             vocab_size: int | None = None, *, use_penalties: bool | None = None,
                             penalty_width: int | None = None,
                             logit_bias_width: int = LOGIT_BIAS_WIDTH,
-                            forbid_width: int = FORBID_WIDTH) -> SamplingMetadata:
+                            forbid_width: int = FORBID_WIDTH,
+                            use_bitmask: bool = False) -> SamplingMetadata:
     """Pack per-sequence settings into numpy arrays padded to `padded_num_seqs` rows.
 
     use_penalties: build the token-history arrays (default: whether any input needs them). It must
@@ -126,6 +130,8 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
     vocab_size: when given, logit_bias / stop ids outside the vocabulary are dropped here (the
       device drops them too); the engine is expected to reject them up front
       (SamplingParams.verify_token_ids).
+    use_bitmask: build the structured-output bitmask rows (needs vocab_size); it must match
+      the `use_bitmask` flag passed to `sample`.
     """
     seqs = [_as_input(x) for x in inputs]
     S, n = padded_num_seqs, len(seqs)
@@ -195,7 +201,20 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
                 history[i, :n_p] = s.prompt_token_ids
                 history[i, n_p:lengths[i]] = s.output_token_ids
 
+    if use_bitmask:
+        if vocab_size is None:
+            raise ValueError("use_bitmask needs vocab_size")
+        bitmask = np.full((S, (vocab_size + 31) // 32), -1, np.int32)
+        for i, s in enumerate(seqs):
+            if s.token_bitmask is not None:
+                bitmask[i] = s.token_bitmask
+    else:
+        if any(s.token_bitmask is not None for s in seqs):
+            raise ValueError("a sequence has a token bitmask: build with use_bitmask=True")
+        bitmask = np.full((S, 1), -1, np.int32)
+
     return SamplingMetadata(
+        token_bitmask=bitmask,
         # t > 0 never turns greedy on the device, however small (0 is the only greedy value).
         temperature=column([p.temperature and max(p.temperature, GREEDY_EPS) for p in params],
                            np.float32, 0.0),
@@ -352,16 +371,30 @@ def row_keys(md: SamplingMetadata, base_key: jnp.ndarray) -> jnp.ndarray:
     return wrap(data)
 
 
+def apply_token_bitmask(logits: jnp.ndarray, bitmask: jnp.ndarray) -> jnp.ndarray:
+    """Disallowed tokens to -inf: logits f32[S, V], bitmask i32[S, ceil(V/32)]."""
+    V = logits.shape[-1]
+    vocab = jnp.arange(V, dtype=jnp.int32)                                # i32[V]
+    words = bitmask[:, vocab // 32]                                       # i32[S, V]
+    allowed = ((words >> (vocab % 32)) & 1).astype(jnp.bool_)             # bool[S, V]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
-           num_top_logprobs: int, use_penalties: bool, logprobs: bool = True) -> SamplerOutput:
+           num_top_logprobs: int, use_penalties: bool, logprobs: bool = True,
+           use_bitmask: bool = False) -> SamplerOutput:
     """Sample one token per row of logits f32[S, V]. Static: num_top_logprobs, use_penalties,
     logprobs (False: no log_softmax and no top-k at all; logprobs come back as zeros and the
-    top arrays with K = 0, for steps in which no request asked for them).
+    top arrays with K = 0, for steps in which no request asked for them), use_bitmask
+    (structured output: md.token_bitmask masks the logits before anything else, so greedy rows,
+    draws and the reported logprobs all see only the allowed tokens, as in vLLM).
 
     base_key: the step's PRNG key (raw u32[2] or a typed threefry key); only unseeded rows use it.
     """
     logits = logits.astype(jnp.float32)                                   # f32[S, V]
     S, V = logits.shape
+    if use_bitmask:
+        logits = apply_token_bitmask(logits, md.token_bitmask)
     adjusted = apply_logit_adjustments(logits, md, use_penalties=use_penalties)
     greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)          # i32[S]
     is_greedy = md.temperature < GREEDY_EPS                               # bool[S]

@@ -6,17 +6,17 @@ StepFunctions): the forward (or, for prompt logprobs, the forward that also comp
 then the sampler on one logits row per sequence, both queued without a host wait.
 The step's randomness is fold_in(base_key, step_index), derived on the device: no host-side key
 split per step.
-Only shapes and three flags are static; everything a request sets is an array. The flags are
+Only shapes and four flags are static; everything a request sets is an array. The flags are
 the step's variant: `use_penalties` (token-history penalties), `logprobs` (log_softmax and the
-top-20 of the sampled rows; off, a step computes no logprob at all) and `all_logits` (prompt
-logprobs: logits, log_softmax and top-20 for every row).
+top-20 of the sampled rows; off, a step computes no logprob at all), `use_bitmask` (structured
+output: per-row allowed-token bitmasks) and `all_logits` (prompt logprobs: logits, log_softmax
+and top-20 for every row).
 
 Async scheduling: the host packs step N+1 before it knows step N's tokens. A row whose token id
 is negative, in_flight_ref(i) = -(i + 1) (engine/step_plan.py), takes the token step N sampled
-for its sequence slot i from
-`prev_sampled` (step N's `sampled`, still on the device), so no round trip to the host sits
-between two steps. `sampled` has a fixed length (the largest sequence bucket) so that feeding
-it back never adds a compiled shape.
+for its sequence slot i from `prev_sampled` (step N's `sampled`, still on the device), so no
+round trip to the host sits between two steps. `sampled` has a fixed length (the largest
+sequence bucket) so that feeding it back never adds a compiled shape.
 """
 
 from __future__ import annotations
@@ -71,17 +71,18 @@ def _forward_prompt_logprobs(params, kv_cache, batch, prev_sampled, prompt_targe
 
 
 def _sample(logits, sampling_md, base_key, step_index, prev_sampled, *, use_penalties: bool,
-            logprobs: bool):
+            logprobs: bool, use_bitmask: bool = False):
     """The sampling part: (StepOutput, sampled i32[S_max]) from logits f32[S, V]."""
     key = jax.random.fold_in(base_key, step_index)
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
-                          use_penalties=use_penalties, logprobs=logprobs)
+                          use_penalties=use_penalties, logprobs=logprobs,
+                          use_bitmask=use_bitmask)
     sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
     return StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
                       top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs), sampled
 
 
-SAMPLE_STATICS = ("use_penalties", "logprobs")
+SAMPLE_STATICS = ("use_penalties", "logprobs", "use_bitmask")
 
 
 class StepFunctions(NamedTuple):
@@ -95,7 +96,7 @@ class StepFunctions(NamedTuple):
     #   -> (kv_cache, logits f32[S, V], prompt outputs dict); batch.logits_indices = all T rows
     forward_prompt_logprobs: Callable
     sample: Callable   # (logits, md, base_key, step_index, prev_sampled, *, use_penalties,
-    #                     logprobs) -> (StepOutput, sampled i32[S_max])
+    #                     logprobs, use_bitmask) -> (StepOutput, sampled i32[S_max])
 
     def __call__(self, params, kv_cache, batch, sampling_md, base_key, step_index,
                  prompt_targets, prev_sampled, *, all_logits: bool = False, **statics):

@@ -37,6 +37,7 @@ async def create_chat_completion(ctx: ServingContext, request: Request):
     ctx.check_prompt(ids)
     mt_name, mt = req.max_tokens_param
     kw = req.sampling_kwargs()
+    await ctx.add_structured_output(req, kw)
     kw["max_tokens"] = ctx.max_tokens_for(len(ids), mt, mt_name, user_set=mt is not None)
     if req.logprobs:
         kw["logprobs"] = req.top_logprobs or 0

@@ -30,9 +30,11 @@ async def create_completion(ctx: ServingContext, request: Request):
         prompts.append((p if isinstance(p, str) else None, ids))
 
     user_set = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+    constraint: dict = {}
+    await ctx.add_structured_output(req, constraint)
     params = []
     for _, ids in prompts:
-        kw = req.sampling_kwargs()
+        kw = {**req.sampling_kwargs(), **constraint}
         kw["max_tokens"] = ctx.max_tokens_for(len(ids), req.max_tokens, "max_tokens", user_set)
         if req.logprobs is not None:
             kw["logprobs"] = req.logprobs

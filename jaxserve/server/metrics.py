@@ -42,6 +42,14 @@ _ENGINE_METRICS = {
     "num_preemptions": ("vllm:num_preemptions", "counter", "Requests preempted (pages freed)."),
     "num_free_pages": ("jaxserve:num_free_pages", "gauge", "Free KV-cache pages."),
     "num_pages": ("jaxserve:num_pages", "gauge", "KV-cache pages in the pool."),
+    "structured_output_requests": ("jaxserve:structured_output_requests", "counter",
+                                   "Requests with a structured-output constraint."),
+    "grammar_compiles": ("jaxserve:grammar_compiles", "counter",
+                         "Structured-output grammars compiled (cache misses)."),
+    "grammar_compile_seconds": ("jaxserve:grammar_compile_seconds", "counter",
+                                "Seconds spent compiling structured-output grammars."),
+    "grammar_mask_seconds": ("jaxserve:grammar_mask_seconds", "counter",
+                             "Host seconds spent filling structured-output token masks."),
 }
 
 

@@ -2,8 +2,8 @@
 
 Everything not listed is rejected (`extra="forbid"`): a parameter we do not implement must fail
 with a 400 that names it, never be silently dropped. A few OpenAI parameters that clients send
-with harmless default values (`suffix: null`, `tools: []`, `response_format: {"type": "text"}`,
-`best_of == n`) are declared so that those defaults pass while anything else is refused.
+with harmless default values (`suffix: null`, `tools: []`, `best_of == n`) are declared so that
+those defaults pass while anything else is refused.
 
 Cross-field rules that need a precise `param` (pydantic would report them at the model root)
 live in `check()` methods that raise `APIError`; the handlers call them right after parsing.
@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jaxserve.engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from jaxserve.server import limits
 from jaxserve.server.errors import bad_request
 
@@ -26,6 +27,29 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra field: exactly one constraint."""
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
 
 
 class _SamplingRequest(_Strict):
@@ -52,6 +76,45 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     user: str | None = None  # metadata for the caller's own accounting; unused here
+    # structured output: OpenAI's response_format, vLLM's structured_outputs, and the older
+    # guided_* fields as aliases of the latter (at most one of all these per request)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_spec(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """(the request's constraint, the field errors about it name), or (None, None)."""
+        sources = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            sources.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise bad_request("response_format of type json_schema needs "
+                                  "json_schema.schema.", "response_format")
+            sources.append(("response_format", {"json": rf.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+            sources.append(("structured_outputs", fields))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                sources.append((f"guided_{name}", {name: value}))
+        if not sources:
+            return None, None
+        if len(sources) > 1:
+            raise bad_request("Only one structured-output constraint per request: got "
+                              f"{', '.join(name for name, _ in sources)}.", sources[1][0])
+        param, fields = sources[0]
+        try:
+            spec = StructuredOutputsParams(**fields)
+        except SamplingParamsError as e:
+            raise bad_request(str(e), e.param if param == "structured_outputs" else param) \
+                from None
+        return spec, spec.param if param == "structured_outputs" else param
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -159,7 +222,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # meaningless without tools, harmless
@@ -171,9 +233,6 @@ class ChatCompletionRequest(_SamplingRequest):
             raise bad_request("tools are not supported.", "tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice is not supported (no tools).", "tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise bad_request("response_format other than {'type': 'text'} is not supported.",
-                              "response_format")
         if self.top_logprobs is not None and not self.logprobs and self.top_logprobs > 0:
             raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.",
                               "top_logprobs")

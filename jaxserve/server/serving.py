@@ -164,6 +164,18 @@ class ServingContext:
         except SamplingParamsError as e:
             raise bad_request(str(e), (rename or {}).get(e.param, e.param)) from None
 
+    async def add_structured_output(self, req, kw: dict[str, Any]) -> None:
+        """The request's constraint into the sampling kwargs, compiled (or found cached) off
+        the event loop now, so that a bad one is a 400 naming the field the client used."""
+        spec, param = req.structured_spec()
+        if spec is None:
+            return
+        try:
+            await self.engine.compile_grammar(spec, param)
+        except RequestRejectedError as e:
+            raise bad_request(str(e), e.param) from None
+        kw["structured_outputs"] = spec
+
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         tok = self.engine.tokenizer
         if len(text) > _ENCODE_IN_THREAD_CHARS:

@@ -60,6 +60,7 @@ class FakeEngine:
         self.max_model_len = max_model_len
         # the real engine's rules, as AsyncEngine exposes them to the server
         self.input_limits = InputLimits(max_model_len, len(self.tokenizer))
+        self._grammar = None
         self.max_num_seqs = max_num_seqs  # the server's capacity reads it, as from AsyncEngine
         self.token_delay = token_delay  # seconds per generated token
         self.requests: dict[str, tuple[list[int], object]] = {}
@@ -99,6 +100,15 @@ class FakeEngine:
                 "prefix_cache_queries": self._prefix_queries,
                 "prefix_cache_hits": self._prefix_hits, "num_preemptions": 0,
                 "num_free_pages": 100 - n, "num_pages": 100}
+
+    async def compile_grammar(self, spec, param=None) -> None:
+        """The real compiler over this engine's tokenizer: constraint errors are real; the
+        fake's outputs ignore the constraint."""
+        if self._grammar is None:
+            from jaxserve.engine.grammar import GrammarCompiler
+            self._grammar = GrammarCompiler(self.tokenizer, len(self.tokenizer),
+                                            [self.tokenizer.eos_token_id or 0])
+        self._grammar.compile(spec, param)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
