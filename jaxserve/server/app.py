@@ -31,7 +31,8 @@ from jaxserve.server.openapi import openapi_document
 from jaxserve.server.errors import APIError, SafeJSONResponse, error_body, error_response
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import DetokenizeRequest, TokenizeRequest
-from jaxserve.server.serving import ClientDisconnected, ServingContext, read_model
+from jaxserve.server.serving import ServingContext, read_model
+from jaxserve.server.sse import ClientDisconnected
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 import uvicorn
 
-from jaxserve.server.config import DTYPES, LOG_LEVELS, ConfigError, ServerConfig, parse_size
+from jaxserve.server.config import (DTYPES, LOG_LEVELS, TOOL_CALL_PARSERS, ConfigError,
+                                    ServerConfig, parse_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "engine loop has made no progress for this many seconds.")
     s.add_argument("--uvicorn-log-level", default=d.uvicorn_log_level, choices=LOG_LEVELS,
                    help="Log level of uvicorn (access log at info).")
+    t = p.add_argument_group("tool calling")
+    t.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="Serve tool_choice \"auto\" (the default when a request has tools): "
+                   "the model's own tool calls are parsed by --tool-call-parser. \"required\" "
+                   "and a named tool are enforced by a grammar and need neither flag.")
+    t.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="How the model writes tool calls: hermes (<tool_call>{json}</tool_call>, "
+                   "Qwen2.5/Qwen3, Hermes) or llama3_json (Llama 3.x JSON calls).")
     return p
 
 

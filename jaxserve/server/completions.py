@@ -14,8 +14,9 @@ from starlette.requests import Request
 from jaxserve.server.errors import SafeJSONResponse
 from jaxserve.server.logprobs import completion_logprobs
 from jaxserve.server.protocol import CompletionRequest
-from jaxserve.server.serving import (SSEStream, ServingContext, created_now, new_id,
-                                     read_model, run_to_end, sse_events, start_stream, usage)
+from jaxserve.server.serving import (ServingContext, created_now, new_id, read_model,
+                                     run_to_end, start_stream, usage)
+from jaxserve.server.sse import SSEStream, sse_events
 
 
 async def create_completion(ctx: ServingContext, request: Request):

@@ -16,6 +16,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16",
                   "bf16": "bfloat16"}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # server/tools.py
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -68,6 +69,9 @@ class ServerConfig:
     compilation_cache_dir: str | None = None  # None: the engine's default folder
     no_compilation_cache: bool = False
     uvicorn_log_level: str = "info"
+    # tool calling: tool_choice "auto" parses the model's own calls with this parser
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self):
         if isinstance(self.served_model_name, (list, str)):
@@ -136,3 +140,8 @@ class ServerConfig:
                 "--no-compilation-cache, not both")
         if self.uvicorn_log_level not in LOG_LEVELS:
             bad("--uvicorn-log-level", f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            bad("--tool-call-parser", f"must be one of {', '.join(TOOL_CALL_PARSERS)}, got "
+                f"{self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            bad("--enable-auto-tool-choice", "needs --tool-call-parser")

@@ -16,6 +16,7 @@ from jaxserve.server.errors import bad_request
 MAX_PROMPTS = 1024             # prompts in one /v1/completions call
 MAX_MESSAGES = 4096            # chat messages in one request
 MAX_MESSAGE_CHARS = 4_000_000  # characters of one message's content
+MAX_TOOLS = 128                # tools in one chat request (OpenAI's limit)
 
 
 def at_most(param: str, count: int, limit: int, what: str) -> None:

@@ -11,9 +11,10 @@ live in `check()` methods that raise `APIError`; the handlers call them right af
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jaxserve.engine.sampling_params import SamplingParamsError, StructuredOutputsParams
 from jaxserve.server import limits
@@ -186,10 +187,58 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None           # a tool message: the call it answers
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_assistant(cls, v, info):
+        if v is not None and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _id_on_tool_messages(cls, v, info):
+        if v is not None and info.data.get("role") != "tool":
+            raise ValueError("only tool messages carry a tool_call_id")
+        return v
 
     @field_validator("content", mode="before")
     @classmethod
@@ -211,7 +260,21 @@ class ChatMessage(_Strict):
         d: dict[str, Any] = {"role": self.role, "content": self.content or ""}
         if self.name is not None:
             d["name"] = self.name
+        if self.tool_calls:
+            # chat templates expect the arguments as an object, as vLLM hands them over
+            d["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -222,20 +285,49 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools, harmless
+    # checked in check() (each tool in full there, so that errors name `tools`)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         limits.check_messages(self.messages)
         self.check_common()
-        if self.tools:
-            raise bad_request("tools are not supported.", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported (no tools).", "tool_choice")
+        self.check_tools()
         if self.top_logprobs is not None and not self.logprobs and self.top_logprobs > 0:
             raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.",
                               "top_logprobs")
+
+    def check_tools(self) -> None:
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise bad_request("tool_choice needs tools.", "tool_choice")
+            return
+        limits.at_most("tools", len(self.tools), limits.MAX_TOOLS, "tools")
+        names = []
+        for i, tool in enumerate(self.tools):
+            try:
+                names.append(ChatTool.model_validate(tool).function.name)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                where = ".".join(str(x) for x in first.get("loc", ()))
+                raise bad_request(f"tools[{i}] is invalid: {where}: {first.get('msg')}",
+                                  "tools") from None
+        if len(set(names)) != len(names):
+            raise bad_request("tool function names must be unique.", "tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in names:
+            raise bad_request(f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                              "not among the tools.", "tool_choice")
+
+    @property
+    def effective_tool_choice(self):
+        """OpenAI's default: "auto" when tools are given, else "none"; a named choice as a
+        dict."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
     @property
     def max_tokens_param(self) -> tuple[str, int | None]:

@@ -1,5 +1,5 @@
 """What the generation routes share: model names, admission, length checks, the engine call with
-its abort guarantee, and the SSE response that notices a client leaving.
+its abort guarantee (the SSE response that notices a client leaving is in sse.py).
 
 The abort guarantee is the point of this module: every path out of `ServingContext.generate`
 that is not a finished request (client disconnect, cancelled task, server shutdown, error)
@@ -15,17 +15,17 @@ import re
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from jaxserve.engine.input_limits import RequestRejectedError
 from jaxserve.engine.sampling_params import SamplingParams, SamplingParamsError
-from jaxserve.server.errors import (APIError, bad_request, from_validation_error, safe_dumps,
-                                    sse_error_event)
+from jaxserve.server.errors import APIError, bad_request, from_validation_error
 from jaxserve.server.logprobs import TokenRenderer
 from jaxserve.server.metrics import RequestTracker, ServerMetrics
+from jaxserve.server.sse import merge, until_disconnect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,16 +35,8 @@ M = TypeVar("M", bound=BaseModel)
 _ENCODE_IN_THREAD_CHARS = 20_000
 
 
-class ClientDisconnected(Exception):
-    """The HTTP client went away before the response was complete."""
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def dumps(obj: Any) -> str:
-    return safe_dumps(obj)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -170,11 +162,15 @@ class ServingContext:
         spec, param = req.structured_spec()
         if spec is None:
             return
+        await self.compile_constraint(spec, param)
+        kw["structured_outputs"] = spec
+
+    async def compile_constraint(self, spec, param: str) -> None:
+        """Compile a constraint now (cached for the engine); a bad one is a 400 on `param`."""
         try:
             await self.engine.compile_grammar(spec, param)
         except RequestRejectedError as e:
             raise bad_request(str(e), e.param) from None
-        kw["structured_outputs"] = spec
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         tok = self.engine.tokenizer
@@ -229,103 +225,6 @@ class ServingContext:
             await self.engine.abort(request_id)
         except Exception:  # noqa: BLE001 - an abort must never turn into a client-visible error
             log.exception("engine.abort(%s) failed", request_id)
-
-
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave several streams as (stream index, item); one stream is passed through without
-    a task so that cancellation reaches it directly. Leaving early cancels every producer."""
-    if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]) as s:
-            async for item in s:
-                yield 0, item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def drain(i: int, s: AsyncIterator[T]) -> None:
-        try:
-            async with contextlib.aclosing(s):
-                async for item in s:
-                    await queue.put((i, item, None))
-            await queue.put((i, done, None))
-        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
-            await queue.put((i, None, e))
-
-    tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item, err = await queue.get()
-            if err is not None:
-                raise err
-            if item is done:
-                remaining -= 1
-                continue
-            yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def wait_disconnect(receive) -> None:
-    """Returns when the ASGI server reports that the client closed the connection."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(awaitable: Awaitable[T], receive) -> T:
-    """Await `awaitable` unless the client leaves first; then cancel it (its cleanup aborts the
-    engine request) and raise ClientDisconnected. Guards non-streaming requests, whose
-    generation would otherwise run to the end for nobody."""
-    work = asyncio.ensure_future(awaitable)
-    watch = asyncio.ensure_future(wait_disconnect(receive))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (work, watch):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
-    if work.done() and not work.cancelled():
-        return work.result()
-    await asyncio.gather(work, return_exceptions=True)  # let its cleanup (abort) finish
-    raise ClientDisconnected()
-
-
-class SSEStream:
-    """An ASGI response streaming `events` (already `data: ...\\n\\n` strings) that stops as
-    soon as the client disconnects, even while no event is being produced (long prefill,
-    queueing): a watcher on `receive` cancels the producer, whose cleanup aborts the request."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None):
-        self._events = events
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no")]})  # nginx: do not buffer the stream
-        try:
-            await until_disconnect(self._pump(send), receive)
-        except ClientDisconnected:
-            pass  # the producer was cancelled; its cleanup aborted the request
-        finally:
-            if self._on_close is not None:
-                self._on_close()
-
-    async def _pump(self, send) -> None:
-        try:
-            async with contextlib.aclosing(self._events) as events:
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event.encode(),
-                                "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:  # uvicorn's ClientDisconnected: nobody left to write to
-            log.debug("client disconnected while streaming")
 
 
 def created_now() -> int:
@@ -388,26 +287,6 @@ async def start_stream(ctx: ServingContext, request: Request, rid: str, prompts:
             await merged.aclose()
         raise
     return first, merged, admission
-
-
-async def sse_events(chunks: AsyncIterator[dict], merged: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """dict chunks -> SSE events; a failure after the headers is an error event, and every
-    stream ends with `data: [DONE]`."""
-    try:
-        try:
-            async for chunk in chunks:
-                yield f"data: {dumps(chunk)}\n\n"
-        except APIError as e:
-            yield sse_error_event(e)
-        except Exception as e:  # noqa: BLE001 - an engine fault mid-stream, reported in-band
-            log.exception("stream failed")
-            yield sse_error_event(APIError(
-                500, f"Internal error while generating: {type(e).__name__}: {e}"))
-        yield "data: [DONE]\n\n"
-    finally:
-        for it in (chunks, merged):
-            with contextlib.suppress(Exception):
-                await it.aclose()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
