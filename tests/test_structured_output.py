@@ -237,3 +237,7 @@ def test_real_model_json_schema_outputs_validate_at_temperature_one(default_mode
                     jsonschema.validate(json.loads(o.text), schema)
                     done += 1
     assert done >= 8  # of 16
+    objects = llm.generate(prompts, SamplingParams(max_tokens=128, temperature=1.0, n=2, seed=5,
+                                                   structured_outputs=S(json_object=True)))
+    finished = [o.text for out in objects for o in out.outputs if o.finish_reason == "stop"]
+    assert len(finished) >= 4 and all(isinstance(json.loads(t), dict) for t in finished)

@@ -172,3 +172,56 @@ def test_metrics_count_constrained_requests(served, client):
     assert after["jaxserve:grammar_compiles_total"] >= 1
     assert after["jaxserve:grammar_compile_seconds_total"] > 0
     assert after["jaxserve:num_free_pages"] == after["jaxserve:num_pages"]
+
+
+GRAMMAR = 'start: sum\nsum: NUM ("+" NUM)*\nNUM: /[1-9][0-9]?/'
+
+
+def _stream_completions(client, **kw) -> list[tuple[str, str]]:
+    texts, finish = {}, {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    return [(texts[i], finish[i]) for i in sorted(texts)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_grammar_under_sampling(client, stream):
+    done = []
+    for seed in range(4):
+        kw = dict(prompt="1+1=", max_tokens=24, temperature=1.0, n=2, seed=seed,
+                  extra_body={"guided_grammar": GRAMMAR})
+        pairs = (_stream_completions(client, **kw) if stream else
+                 [(c.text, c.finish_reason) for c in client.completions.create(**kw).choices])
+        assert len(pairs) == 2
+        for text, reason in pairs:
+            assert reason in ("stop", "length")
+            if reason == "stop":
+                done.append(text)
+            else:  # cut short: still a prefix the grammar allows
+                assert re.fullmatch(r"([1-9][0-9]?\+)*[1-9]?[0-9]?\+?", text), text
+    assert len(done) >= 4 and all(re.fullmatch(r"[1-9][0-9]?(\+[1-9][0-9]?)*", t) for t in done)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_response_format_json_object(client, stream):
+    """json_object: the output is a JSON object (completed ones parse as one; a random model
+    may write whitespace until max_tokens, but never anything but an object's text)."""
+    for seed in range(3):
+        kw = dict(messages=[{"role": "user", "content": "JSON please"}], max_tokens=48,
+                  temperature=1.0, n=2, seed=seed, response_format={"type": "json_object"})
+        if stream:
+            texts, finish = {}, {}
+            for chunk in client.chat.completions.create(stream=True, **kw):
+                for c in chunk.choices:
+                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+                    finish[c.index] = c.finish_reason or finish.get(c.index)
+            pairs = [(texts[i], finish[i]) for i in texts]
+        else:
+            resp = client.chat.completions.create(**kw)
+            pairs = [(c.message.content, c.finish_reason) for c in resp.choices]
+        for text, reason in pairs:
+            assert text.lstrip().startswith("{"), text
+            if reason == "stop":
+                assert isinstance(json.loads(text), dict)
