@@ -9,6 +9,7 @@ No jax import: the server builds these too. Messages name the flag a user would 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 
@@ -86,6 +87,59 @@ class SchedulerConfig:
                                                     DEFAULT_MAX_MODEL_LEN))
 
 
+# speculative decoding (engine/speculative.py): implemented methods, and vLLM's others
+SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_NOT_YET = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "suffix")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ConfigError(f"--speculative-config: {msg}")
+        if self.method in SPECULATIVE_NOT_YET:
+            bad(f"method {self.method!r} is not implemented yet; implemented: "
+                f"{', '.join(SPECULATIVE_METHODS)}")
+        if self.method not in SPECULATIVE_METHODS:
+            bad(f"unknown method {self.method!r}; implemented: {', '.join(SPECULATIVE_METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(f"{name} must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > 16:
+            bad(f"num_speculative_tokens can be at most 16, got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            bad(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """From the flag's JSON text, a dict, or None."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ConfigError(f"--speculative-config must be a JSON object: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--speculative-config must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(value) - known - {"model"})
+        if extra:
+            raise ConfigError(f"--speculative-config: unknown keys {extra}")
+        if "model" in value and value.get("method", "ngram") == "ngram":
+            raise ConfigError("--speculative-config: method ngram takes no model")
+        if "method" not in value:
+            raise ConfigError("--speculative-config needs a method (implemented: ngram)")
+        return cls(**{k: v for k, v in value.items() if k != "model"})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -103,8 +157,11 @@ class EngineConfig:
     # None turns it off
     compilation_cache_dir: str | None = dataclasses.field(
         default_factory=default_compilation_cache_dir)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self):
+        # a dict or the flag's JSON text becomes a SpeculativeConfig (validated there)
+        object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.linear_backend not in (None, "auto", "native", "xla"):

@@ -94,10 +94,13 @@ class LLM:
                  attention_backend: str | None = None, linear_backend: str | None = None,
                  tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
-                 compilation_cache_dir: str | None | object = "default", warmup: bool = True):
+                 compilation_cache_dir: str | None | object = "default", warmup: bool = True,
+                 speculative_config: dict | None = None):
         """compilation_cache_dir: the persistent XLA cache folder ("default":
         $XDG_CACHE_HOME/jaxserve/xla; None: off). Limits left None take the platform's
-        defaults (jaxserve.config: CPU 16 sequences / 256 tokens a step, GPU 256 / 8192)."""
+        defaults (jaxserve.config: CPU 16 sequences / 256 tokens a step, GPU 256 / 8192).
+        speculative_config: as vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 3,
+        "prompt_lookup_max": 4} (engine/speculative.py)."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()
@@ -105,7 +108,7 @@ class LLM:
                      else {"compilation_cache_dir": compilation_cache_dir})
         self.config = EngineConfig(
             model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
-            linear_backend=linear_backend, **cache_dir,
+            linear_backend=linear_backend, **cache_dir, speculative=speculative_config,
             tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,

@@ -111,7 +111,11 @@ class AsyncEngine:
                     structured_output_requests=e.num_structured_requests,
                     grammar_compiles=e.grammar.num_compiles,
                     grammar_compile_seconds=e.grammar.compile_seconds,
-                    grammar_mask_seconds=e.mask_seconds)
+                    grammar_mask_seconds=e.mask_seconds,
+                    spec_num_drafts=e.spec_num_drafts,
+                    spec_num_draft_tokens=e.spec_num_draft_tokens,
+                    spec_num_accepted_tokens=e.spec_num_accepted_tokens,
+                    spec_accepted_per_pos=list(e.spec_accepted_per_pos))
 
     async def compile_grammar(self, spec, param: str | None = None) -> None:
         """Compile (or find cached) a request's constraint off the event loop and the step

@@ -29,10 +29,17 @@ from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, RequestStatus
 from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
+from jaxserve.engine.speculative import NgramProposer, accepted_prefix
 from jaxserve.engine.step_plan import SequenceSampling, StepPlan, StepSequence, in_flight_ref
 
 
 log = logging.getLogger("jaxserve.engine")
+
+
+def _needs_extras(params: SamplingParams) -> bool:
+    """The request's steps take the extras variant (penalties, logprobs, grammar masks)."""
+    return (params.uses_penalties or params.logprobs is not None
+            or params.prompt_logprobs is not None or params.structured_outputs is not None)
 
 
 class _DeviceStep:
@@ -41,7 +48,11 @@ class _DeviceStep:
     def __init__(self, sched: SchedulerOutput, pending, wants_prompt_logprobs: bool):
         self.sched = sched
         self.pending = pending  # the runner's pending StepOutput
-        self.slot_of = {s.request_id: i for i, s in enumerate(sched.scheduled)}
+        # request id -> its first sampled row (= its slot, unless drafts add rows)
+        self.slot_of, row = {}, 0
+        for s in sched.scheduled:
+            self.slot_of[s.request_id] = row
+            row += 1 + len(s.draft_token_ids)
         self.wants_prompt_logprobs = wants_prompt_logprobs
 
 
@@ -69,6 +80,11 @@ class LLMEngine:
         self._in_flight: _DeviceStep | None = None
         self.grammar = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_token_ids)
         self.num_structured_requests = 0
+        spec = config.speculative
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        # vLLM's spec-decode counters: sequences that carried drafts, drafts, accepted ones
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_pos = [0] * (spec.num_speculative_tokens if spec else 0)
         self.mask_seconds = 0.0  # host time filling structured-output masks
         self.num_steps = 0
         self.num_overlapped_steps = 0  # dispatched while the previous step still ran
@@ -118,6 +134,8 @@ class LLMEngine:
         """Process one step's results; return outputs of requests that progressed (or finished).
 
         With async scheduling the next step is already on the device when this returns."""
+        if self._in_flight is None and self.proposer is not None:
+            self._propose()
         current = self._in_flight or self._dispatch(self.scheduler.schedule(), previous=None)
         self._in_flight = None
         if current is None:
@@ -128,8 +146,33 @@ class LLMEngine:
         return self._process(current)
 
     def _needs_sync(self) -> bool:
-        return any(s.params.uses_penalties or s.params.structured_outputs is not None
-                   for s in self._states.values())
+        # drafts are proposed from every known token, so speculative engines run in step
+        return self.proposer is not None or any(
+            s.params.uses_penalties or s.params.structured_outputs is not None
+            for s in self._states.values())
+
+    def _propose(self) -> None:
+        """Drafts for every running decode whose step can verify them: plain sampling (no
+        penalties, logprobs or grammar, whose step variants carry no drafts); while any such
+        request is in the system, nobody speculates."""
+        if any(_needs_extras(s.params) for s in self._states.values()):
+            return
+        for req in self.scheduler.running:
+            if req.num_computed_tokens == req.num_tokens - 1 and not req.num_output_placeholders:
+                req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+
+    def _verify(self, s, out, row: int) -> list[int]:
+        """The tokens a sequence that carried drafts keeps, and the acceptance counters."""
+        drafts = s.draft_token_ids
+        sampled = [int(t) for t in out.token_ids[row:row + len(drafts) + 1]]
+        kept = accepted_prefix(drafts, sampled)
+        accepted = len(kept) - 1
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += len(drafts)
+        self.spec_num_accepted_tokens += accepted
+        for pos in range(accepted):
+            self.spec_accepted_per_pos[pos] += 1
+        return kept
 
     def _token_bitmasks(self, sched: SchedulerOutput) -> dict[int, object]:
         """slot -> i32[ceil(V/32)] allowed-token mask, for the sampled constrained rows."""
@@ -175,7 +218,8 @@ class LLMEngine:
                                         req.sampling_salt,
                                         num_in_flight=s.output_index - req.num_output_tokens,
                                         token_bitmask=bitmasks.get(slot))
-            sequences.append(StepSequence(token_ids, s.start_pos, s.page_ids, sampling, targets))
+            sequences.append(StepSequence(token_ids, s.start_pos, s.page_ids, sampling, targets,
+                                          draft_token_ids=s.draft_token_ids))
         pending = self.runner.dispatch(StepPlan(tuple(sequences)))
         self.num_steps += 1
         return _DeviceStep(sched, pending, wants_prompt_logprobs)
@@ -195,8 +239,13 @@ class LLMEngine:
         out = self.runner.fetch(step.pending)
         if step.wants_prompt_logprobs:
             self._record_prompt_logprobs(step.sched, out)
-        sampled = {s.request_id: int(out.token_ids[i])
-                   for i, s in enumerate(step.sched.scheduled) if s.sample}
+        sampled, known = {}, {}
+        for s in step.sched.scheduled:
+            if s.sample:
+                row = step.slot_of[s.request_id]
+                sampled[s.request_id] = (self._verify(s, out, row) if s.draft_token_ids
+                                         else int(out.token_ids[row]))
+                known[s.request_id] = s.request.num_output_tokens
         # requests that finished or were preempted since the step was scheduled are left out
         updated = self.scheduler.update_from_output(step.sched, sampled)
         touched = {}
@@ -208,11 +257,17 @@ class LLMEngine:
             sample.record_logprobs(out, step.slot_of[req.request_id], state.params.logprobs or 0)
             if sample.matcher is not None:
                 self._advance_grammar(req, sample.matcher)
-            _, stop_str = sample.detok.add_token(req.output_token_ids[-1],
-                                                 finish_reason=req.finish_reason)
-            if stop_str is not None and not req.is_finished:
-                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
-                                              stop_reason=stop_str)  # frees its pages now
+            new = req.output_token_ids[known[req.request_id]:]  # several after a verified step
+            for i, token in enumerate(new):
+                last = i == len(new) - 1
+                _, stop_str = sample.detok.add_token(
+                    token, finish_reason=req.finish_reason if last else None)
+                if stop_str is not None and not req.is_finished:
+                    req.truncate_output(known[req.request_id] + i + 1)  # nothing past the stop
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED,
+                                                  stop_reason=stop_str)  # frees its pages now
+                    sample.detok.flush()
+                    break
             touched[state.request_id] = state
         return [self._output(state) for state in touched.values()]
 

@@ -88,6 +88,9 @@ class Request:
     # scheduling). The scheduler already counts them as tokens: the next step feeds the newest
     # one straight from the device. They sit after all_token_ids, in order.
     num_output_placeholders: int = dataclasses.field(default=0, init=False)
+    # Speculative decoding: draft tokens the engine proposes for this request's next decode
+    # step (engine/speculative.py); the scheduler takes (and trims) them when it schedules.
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -169,6 +172,15 @@ class Request:
             self.finish(RequestStatus.FINISHED_LENGTH_CAPPED)
             return True
         return False
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past the first num_output_tokens: a stop string matched inside
+        a run of several tokens that one verified speculative step appended; the request
+        finishes right after, so no K/V bookkeeping needs to follow."""
+        extra = self.num_output_tokens - num_output_tokens
+        if extra > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self._all_token_ids[len(self._all_token_ids) - extra:]
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "

@@ -63,6 +63,9 @@ class ScheduledSequence:
     # Tokens this request generated before this step's sample (known plus in flight): a seeded
     # sampler draws with this index.
     output_index: int = 0
+    # Speculative decoding: the drafts fed after the last known token (token_ids ends with
+    # them); the step samples len + 1 tokens for this sequence and keeps a verified prefix.
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -238,6 +241,8 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this pass
+            if remaining == 1 and request.spec_token_ids:
+                remaining += len(self._drafts_that_fit(request, budget - 1))
             num_new = min(remaining, budget)
             while not pool.allocate_slots(request, num_new):
                 victim = self.running[-1]  # the most recently arrived
@@ -305,17 +310,31 @@ class Scheduler:
                  and request.num_output_tokens_with_placeholders >= max_tokens)
                 or request.num_tokens_with_placeholders >= self.max_model_len)
 
+    def _drafts_that_fit(self, request: Request, room: int) -> list[int]:
+        """The request's drafts, cut so that the tokens a verified step can emit (accepted
+        drafts + 1) stay within max_tokens, max_model_len and the token budget left."""
+        limit = min(room, self.max_model_len - request.num_tokens - 1)
+        if request.max_tokens is not None:
+            limit = min(limit, request.max_tokens - request.num_output_tokens - 1)
+        return request.spec_token_ids[:max(limit, 0)]
+
     def _commit(self, request: Request, num_new: int) -> ScheduledSequence:
         """Count the step as done for `request`: its K/V is being computed from now on."""
         start = request.num_computed_tokens
         known = request.all_token_ids[start:start + num_new]
-        sample = start + num_new == request.num_tokens_with_placeholders
+        drafts = []
+        if request.spec_token_ids and request.num_output_placeholders == 0 \
+                and start + 1 == request.num_tokens and num_new > 1:
+            drafts = request.spec_token_ids[:num_new - 1]  # a decode carrying its drafts
+        request.spec_token_ids = []
+        sample = start + num_new - len(drafts) == request.num_tokens_with_placeholders
         seq = ScheduledSequence(
             request=request, num_new_tokens=num_new, start_pos=start,
-            token_ids=known + [PLACEHOLDER] * (num_new - len(known)),
+            token_ids=known + drafts + [PLACEHOLDER] * (num_new - len(known) - len(drafts)),
             page_ids=list(request.page_ids), sample=sample,
             num_preemptions=request.num_preemptions,
-            output_index=request.num_output_tokens_with_placeholders)
+            output_index=request.num_output_tokens_with_placeholders,
+            draft_token_ids=drafts)
         request.num_computed_tokens = start + num_new
         self.num_prompt_tokens_computed += max(
             0, min(start + num_new, request.num_prompt_tokens) - start)
@@ -324,10 +343,12 @@ class Scheduler:
         return seq
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Apply a step's sampled tokens; steps come in the order schedule() made them.
+                           sampled_token_ids: dict[str, int | list[int]]) -> list[Request]:
+        """Apply a step's sampled tokens; steps come in the order schedule() made them. A
+        sequence that carried drafts gets the list of tokens its verification kept (accepted
+        drafts, then one more): the K/V of the rejected drafts is not counted.
 
-        Returns the requests that got a new token, in batch order; those that finished have
+        Returns the requests that got new tokens, in batch order; those that finished have
         their finish_reason set and their pages already released (full pages stay cached).
         """
         if not scheduler_output.scheduled:
@@ -353,8 +374,19 @@ class Scheduler:
                 pool.cache_full_pages(request)
                 continue
             request.num_output_placeholders -= 1
-            finished = request.append_output_token(sampled_token_ids[request.request_id],
-                                                   self.max_model_len)
+            tokens = sampled_token_ids[request.request_id]
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            if not 1 <= len(tokens) <= len(seq.draft_token_ids) + 1:
+                raise ValueError(f"{request.request_id}: {len(tokens)} tokens for a step with "
+                                 f"{len(seq.draft_token_ids)} drafts")
+            # K/V is valid up to the last accepted draft: the rest is recomputed if needed
+            request.num_computed_tokens -= len(seq.draft_token_ids) - (len(tokens) - 1)
+            finished = False
+            for token in tokens:
+                finished = request.append_output_token(token, self.max_model_len)
+                if finished:
+                    break
             pool.cache_full_pages(request)  # pages whose tokens are all known now
             updated.append(request)
             if finished:

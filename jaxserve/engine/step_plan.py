@@ -44,9 +44,11 @@ class StepFeatures:
     logprobs: bool = False         # logprobs (and top-20) of the sampled tokens
     prompt_logprobs: bool = False  # logits of every token row, not only the sampled ones
     token_bitmask: bool = False    # structured output: some rows may sample only some tokens
+    draft_tokens: bool = False     # speculative decoding: some sequences sample several rows
 
     @property
     def any(self) -> bool:
+        """Any of the extras (the features the extras sampler variant computes)."""
         return self.penalties or self.logprobs or self.prompt_logprobs or self.token_bitmask
 
 
@@ -78,12 +80,21 @@ class StepSequence:
     sampling: SequenceSampling
     # prompt logprobs only: per token row, the prompt token it predicts (-1 past the prompt)
     prompt_targets: list[int] | None = None
+    # speculative decoding: the drafts at the end of token_ids; the step samples a token at
+    # each of the last len + 1 rows (engine/speculative.py)
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return 1 + len(self.draft_token_ids)
 
     def __post_init__(self):
         if PLACEHOLDER in self.token_ids:
             raise ValueError("a step sequence still holds an unresolved in-flight placeholder")
         if self.prompt_targets is not None and len(self.prompt_targets) != len(self.token_ids):
             raise ValueError("prompt_targets needs one entry per token row")
+        if len(self.draft_token_ids) >= len(self.token_ids):
+            raise ValueError("the drafts follow at least one known token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,4 +117,9 @@ class StepPlan:
             penalties=any(p.uses_penalties for p in params),
             logprobs=any(p.logprobs is not None for p in params),
             prompt_logprobs=any(s.prompt_targets is not None for s in self.sequences),
-            token_bitmask=any(s.sampling.token_bitmask is not None for s in self.sequences))
+            token_bitmask=any(s.sampling.token_bitmask is not None for s in self.sequences),
+            draft_tokens=any(s.draft_token_ids for s in self.sequences))
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return sum(s.num_sampled_rows for s in self.sequences)

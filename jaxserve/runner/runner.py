@@ -14,6 +14,7 @@ reads what the previously dispatched step sampled for slot i (see step.py).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 import os
@@ -49,6 +50,13 @@ class StepVariant(NamedTuple):
     num_seqs: int     # S, sequence slots
     extras: bool      # token penalties, logprobs of the sampled tokens, structured output masks
     all_logits: bool  # prompt logprobs: every row's logits (implies extras)
+    # R, sampled rows (0: one per sequence slot). Speculative steps sample each sequence's
+    # last token and each of its drafts: R = S x (1 + num_speculative_tokens).
+    num_rows: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.num_rows or self.num_seqs
 
     def sample_statics(self) -> dict:
         """The sampler program's static arguments for this variant."""
@@ -105,8 +113,11 @@ class ModelRunner:
         self._num_steps = 0  # folded into the key on the device, one stream per step
         # i32[S_max]: what the last dispatched step sampled per slot, kept on the device (put
         # with the sharding the step gives it back with, so feeding it back never recompiles)
+        spec = config.speculative
+        s_max = self.buckets.seq_buckets[-1]
+        self.spec_rows = s_max * (1 + spec.num_speculative_tokens) if spec else 0
         self._sampled = placement.put_replicated(
-            np.zeros(self.buckets.seq_buckets[-1], np.int32), self.sharding_plan.mesh)
+            np.zeros(max(s_max, self.spec_rows), np.int32), self.sharding_plan.mesh)
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.warmup_stats: dict | None = None
@@ -131,6 +142,9 @@ class ModelRunner:
             yield StepVariant(t, s_max, True, False)
         for t in self.extras_token_buckets(prompt_logprobs=True):
             yield StepVariant(t, s_max, True, True)
+        if self.spec_rows:  # speculative steps: plain sampling of every verified row
+            for t in self.extras_token_buckets():
+                yield StepVariant(t, s_max, False, False, self.spec_rows)
 
     def extras_token_buckets(self, prompt_logprobs: bool = False) -> list[int]:
         """Token buckets of the extras variants (largest sequence bucket): every one from
@@ -198,6 +212,14 @@ class ModelRunner:
         num_tokens = plan.num_tokens
         t, s = self.buckets.pick(num_tokens, plan.num_seqs)
         features = plan.features
+        if features.draft_tokens:
+            if features.any or not self.spec_rows:
+                raise ValueError("draft tokens need speculative decoding configured and a step "
+                                 "without penalties, logprobs or structured output")
+            s = self.buckets.seq_buckets[-1]
+            ts = self.extras_token_buckets()
+            return StepVariant(ts[bisect.bisect_left(ts, max(num_tokens, s))], s, False, False,
+                               self.spec_rows)
         if features.any:
             s = self.buckets.seq_buckets[-1]
             ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
@@ -209,10 +231,22 @@ class ModelRunner:
         t, s = variant.num_tokens, variant.num_seqs
         seqs = plan.sequences
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
+        rows = [q.sampling for q in seqs]
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
+        elif variant.rows != s:  # speculative: every verified row, each at its output index
+            indices, rows = np.zeros(variant.rows, np.int32), []
+            end = 0
+            for q in seqs:
+                end += len(q.token_ids)
+                n = q.num_sampled_rows
+                indices[len(rows):len(rows) + n] = np.arange(end - n, end)
+                rows += [dataclasses.replace(q.sampling, num_in_flight=q.sampling.num_in_flight + j)
+                         for j in range(n)]
+            batch = batch.replace(logits_indices=indices)
+            s = variant.rows
         # a fixed history width keeps penalty steps at one shape per bucket
-        md = sampling.build_sampling_metadata([q.sampling for q in seqs], s, self.vocab_size,
+        md = sampling.build_sampling_metadata(rows, s, self.vocab_size,
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len,
                                               use_bitmask=variant.extras)
@@ -261,7 +295,7 @@ class ModelRunner:
         packed = self._pack(StepPlan(), variant)
         fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets, 0,
                                                 variant.all_logits)
-        logits = jax.ShapeDtypeStruct((variant.num_seqs, self.vocab_size), np.float32,
+        logits = jax.ShapeDtypeStruct((variant.rows, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
         fwd, sample = self._forward_fn(variant.all_logits), self._step.sample

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.linear_backend, help="The layers' matmuls: 'native' (a CPU kernel "
                    "reading float32 weights in place, single device) or 'xla'; 'auto' picks "
                    "native where it applies.")
+    e.add_argument("--speculative-config", default=None,
+                   help="Speculative decoding, as JSON: {\"method\": \"ngram\", "
+                   "\"num_speculative_tokens\": 3, \"prompt_lookup_min\": 1, "
+                   "\"prompt_lookup_max\": 4}. Steps run synchronously with it.")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="Reuse KV pages of shared prefixes.")
     e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,

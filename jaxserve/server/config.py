@@ -72,6 +72,7 @@ class ServerConfig:
     # tool calling: tool_choice "auto" parses the model's own calls with this parser
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    speculative_config: str | None = None  # JSON, as vLLM's flag (checked by EngineConfig)
 
     def __post_init__(self):
         if isinstance(self.served_model_name, (list, str)):
@@ -145,3 +146,6 @@ class ServerConfig:
                 f"{self.tool_call_parser!r}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             bad("--enable-auto-tool-choice", "needs --tool-call-parser")
+        if self.speculative_config is not None:
+            from jaxserve.config import SpeculativeConfig
+            SpeculativeConfig.parse(self.speculative_config)  # a bad one fails before loading

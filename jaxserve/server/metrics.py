@@ -50,6 +50,12 @@ _ENGINE_METRICS = {
                                 "Seconds spent compiling structured-output grammars."),
     "grammar_mask_seconds": ("jaxserve:grammar_mask_seconds", "counter",
                              "Host seconds spent filling structured-output token masks."),
+    "spec_num_drafts": ("vllm:spec_decode_num_drafts", "counter",
+                        "Sequences that carried draft tokens into a step."),
+    "spec_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens", "counter",
+                              "Draft tokens proposed."),
+    "spec_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens", "counter",
+                                 "Draft tokens accepted."),
 }
 
 
@@ -76,6 +82,14 @@ class _EngineStatsCollector:
             cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             fam = cls(name, doc, labels=["model_name"])
             fam.add_metric([self._model], float(stats[key]))
+            yield fam
+        per_pos = stats.get("spec_accepted_per_pos")
+        if per_pos:
+            fam = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+            for pos, count in enumerate(per_pos):
+                fam.add_metric([self._model, str(pos)], float(count))
             yield fam
 
 

@@ -1,0 +1,58 @@
+"""Speculative decoding, host side: the configuration (vLLM's `speculative_config`), the n-gram
+proposer, and the verification rule.
+
+A sequence's drafts ride along its next decode step: the step feeds its last token plus the k
+drafts (a k+1-token query chunk, like a prefill chunk) and samples a token at each of the k+1
+positions, each exactly as non-speculative decoding would sample the token at that output index
+(same filters, same seeded key). Drafts are accepted while they equal what was sampled; the
+first sampled token that differs (or the one after the last draft) is kept too. For the n-gram
+proposer, whose proposal distribution is one-hot, this is rejection sampling exactly: a draft d
+is kept with probability p(d) = min(1, p(d)/q(d)), and on rejection the kept token is a draw from
+p without d, i.e. from normalise(max(p - q, 0)); so the outputs are the tokens non-speculative
+sampling gives, seeded or greedy (up to floating-point differences between batch shapes).
+Rejected drafts' K/V is left in the pages and simply not counted (the scheduler rolls
+num_computed_tokens back to the accepted length).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.config import SpeculativeConfig
+
+class NgramProposer:
+    """Prompt lookup: find the longest suffix of the sequence (prompt_lookup_max tokens down
+    to prompt_lookup_min) that occurred earlier, most recent occurrence first, and propose the
+    tokens that followed it. One vectorised pass over the sequence per n."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose(self, token_ids: list[int], max_drafts: int | None = None) -> list[int]:
+        k = self.k if max_drafts is None else min(self.k, max_drafts)
+        if k <= 0 or len(token_ids) < self.min_n + 1:
+            return []
+        tokens = np.asarray(token_ids, np.int64)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            suffix = tokens[-n:]
+            # windows of the sequence without its last token, so a match has a successor
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the most recent earlier occurrence
+                return tokens[start:start + k].tolist()
+        return []
+
+
+def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The tokens a verified step emits: drafts while they equal what was sampled at their
+    position, then the sampled token at the first mismatch (or after the last draft).
+    sampled: len(drafts) + 1 tokens."""
+    out = []
+    for draft, token in zip(drafts, sampled):
+        out.append(token)
+        if token != draft:
+            return out
+    out.append(sampled[len(drafts)])
+    return out
