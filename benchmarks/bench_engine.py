@@ -32,11 +32,12 @@ class EngineSettings:
     linear_backend: str | None = None
     seed: int = 0
     compilation_cache_dir: str | None = None  # None: the engine's default folder
+    speculative: dict | None = None  # speculative_config, as vLLM's
 
     def engine_config(self, model: str, dtype: str | None, max_model_len: int) -> EngineConfig:
         return EngineConfig(
             model=model, dtype=dtype, seed=self.seed, attention_backend=self.attention_backend,
-            linear_backend=self.linear_backend,
+            linear_backend=self.linear_backend, speculative=self.speculative,
             **({} if self.compilation_cache_dir is None
                else {"compilation_cache_dir": self.compilation_cache_dir}),
             cache=CacheConfig(page_size=self.page_size, num_pages=self.num_pages,
@@ -144,6 +145,7 @@ def run_offline(engine: LLMEngine, workload, tag: str) -> dict:
     # every run starts cold: a repeated workload must not become prefix-cache hits
     engine.block_manager.reset_prefix_cache()
     overlapped_before, steps_before = engine.num_overlapped_steps, engine.num_steps
+    spec_before = (engine.spec_num_draft_tokens, engine.spec_num_accepted_tokens)
     compiles_before = compile_count()
     start = time.perf_counter()
     ids = []
@@ -185,6 +187,11 @@ def run_offline(engine: LLMEngine, workload, tag: str) -> dict:
         "async_scheduling": engine.async_scheduling,
         "overlapped_steps": engine.num_overlapped_steps - overlapped_before,
         "dispatched_steps": engine.num_steps - steps_before,
+        # speculative decoding: drafts proposed and accepted in this run (None: off)
+        "spec_draft_tokens": (engine.spec_num_draft_tokens - spec_before[0]
+                              if engine.proposer is not None else None),
+        "spec_accepted_tokens": (engine.spec_num_accepted_tokens - spec_before[1]
+                                 if engine.proposer is not None else None),
         "compiles_during_run": compile_count() - compiles_before,
         "compiles_since_warmup": engine.runner.compiles_since_warmup(),
         "peak_device_memory_bytes": peak_device_memory(),

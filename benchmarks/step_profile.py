@@ -64,6 +64,9 @@ def scenarios(max_model_len: int, smoke: bool) -> dict[str, list[tuple[int, int]
         "prefill512@512": [(512, 512)],
         "prefill256@1280": [(256, 1280)],
         "mixed481+31": [(481, 600)] + [(1, int(c)) for c in short[:31]],
+        # one sequence decoding, and the same verifying 3 speculative drafts (4 query rows)
+        "decode1@200": [(1, 200)],
+        "verify1x4@200": [(4, 200)],
     }
 
 

@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
                    help="async: prepare step N+1 while step N runs (default); sync: one step at "
                    "a time; both: each workload both ways, side by side")
+    p.add_argument("--speculative-config", default=None,
+                   help="JSON, as vLLM's (e.g. '{\"method\": \"ngram\", "
+                   "\"num_speculative_tokens\": 3, \"prompt_lookup_max\": 4}'); with "
+                   "--compare-vllm vLLM gets the same")
     p.add_argument("--rounds", type=int, default=1,
                    help="with --scheduling both or --compare-vllm: alternate the runs this many "
                    "times and report the median ratio (a shared machine drifts between runs)")
@@ -147,7 +151,8 @@ def engine_settings(args) -> EngineSettings:
         attention_backend=args.attention_backend, linear_backend=args.linear_backend,
         seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
-        compilation_cache_dir=args.compilation_cache)
+        compilation_cache_dir=args.compilation_cache,
+        speculative=json.loads(args.speculative_config) if args.speculative_config else None)
 
 
 def build(args, max_model_len: int):
@@ -245,6 +250,10 @@ def print_case(name: str, r: dict, hf: dict | None) -> None:
     print(f"  steps {r['steps']} ({r['decode_steps']} decode), mean {r['mean_step_ms']:.2f} ms, "
           f"host {r['mean_host_ms_per_step']:.2f} ms/step; compiles after warm-up "
           f"{r['compiles_since_warmup']}; peak device memory {mem_s}")
+    if r.get("spec_draft_tokens") is not None:
+        drafts, accepted = r["spec_draft_tokens"], r["spec_accepted_tokens"]
+        rate = f"{accepted / drafts:.2f}" if drafts else "n/a"
+        print(f"  speculative   {drafts} draft tokens, {accepted} accepted (acceptance {rate})")
     if "sync_scheduling" in r:
         sy = r["sync_scheduling"]
         print(f"  sync sched.   {sy['output_tokens_per_s']:10.1f} out tok/s, mean step "
@@ -270,6 +279,8 @@ def start_vllm(args, cfg, max_model_len: int, warm, workloads):
               "block_size": args.vllm_block_size or vllm_peer.vllm_block_size(args.page_size),
               "enable_prefix_caching": args.enable_prefix_caching, "seed": args.seed,
               "disable_log_stats": True, **args.vllm_args}
+    if args.speculative_config:  # the same n-gram settings on both sides
+        engine["speculative_config"] = json.loads(args.speculative_config)
     worker = vllm_peer.OfflineWorker(args.vllm_python, engine, warm, workloads,
                                      args.vllm_kv_cache_gib)
     print(f"starting vLLM ({args.vllm_python}) ...", file=sys.stderr)

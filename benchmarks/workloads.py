@@ -97,10 +97,21 @@ def sharegpt_lengths(n: int, seed: int, max_prompt: int = 1024, max_total: int =
     return ins, outs
 
 
+# "copy": a random block of COPY_BLOCK tokens, COPY_REPEATS times, then COPY_OUTPUT tokens to
+# generate: a language model keeps repeating the block (induction), the case prompt lookup
+# (n-gram speculative decoding) is for; tokenizer-free, so both engines get the same ids.
+COPY_BLOCK, COPY_REPEATS, COPY_OUTPUT = 96, 3, 128
+
+
 def make_workload(case: str, num_prompts: int, seed: int = 0, id_range=DEFAULT_ID_RANGE,
                   scale: float = 1.0) -> Workload:
-    """`case` is 'IN/OUT', 'sharegpt' or 'mixed'; `scale` shrinks every length (smoke runs)
-    keeping >= 1."""
+    """`case` is 'IN/OUT', 'sharegpt', 'mixed' or 'copy'; `scale` shrinks every length (smoke
+    runs) keeping >= 1."""
+    if case == "copy":
+        block = max(1, int(round(COPY_BLOCK * scale)))
+        blocks = random_prompts([block] * num_prompts, seed, id_range)
+        return Workload(case, [b * COPY_REPEATS for b in blocks],
+                        [max(1, int(round(COPY_OUTPUT * scale)))] * num_prompts)
     if case == "sharegpt":
         ins, outs = sharegpt_lengths(num_prompts, seed)
     elif case == "mixed":

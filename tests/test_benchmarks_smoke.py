@@ -149,6 +149,18 @@ def test_throughput_smoke_with_transformers(tmp_path):
     assert data["results"][1]["input_tokens"] == 4 * round(1000 / 32)
 
 
+def test_throughput_smoke_with_speculation(tmp_path):
+    out = tmp_path / "throughput.json"
+    _run("throughput.py", "--smoke", "--workload", "copy", "--json", str(out),
+         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, '
+         '"prompt_lookup_max": 3}', timeout=240)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["workload"] == "copy" and r["compiles_during_run"] == 0
+    assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["elapsed_s"])
+    assert 0 <= r["spec_accepted_tokens"] <= r["spec_draft_tokens"]
+    assert r["spec_draft_tokens"] > 0  # a repeated block always gives prompt lookup a match
+
+
 # -- serving --------------------------------------------------------------------------------------
 
 class _FakeOpenAI(BaseHTTPRequestHandler):

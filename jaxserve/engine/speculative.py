@@ -2,7 +2,8 @@
 proposer, and the verification rule.
 
 A sequence's drafts ride along its next decode step: the step feeds its last token plus the k
-drafts (a k+1-token query chunk, like a prefill chunk) and samples a token at each of the k+1
+drafts (k+1 query tokens over its pages; the runner verifies them as k+1 one-token sequences
+sharing the page table, so the step stays decode-shaped) and samples a token at each of the k+1
 positions, each exactly as non-speculative decoding would sample the token at that output index
 (same filters, same seeded key). Drafts are accepted while they equal what was sampled; the
 first sampled token that differs (or the one after the last draft) is kept too. For the n-gram
@@ -12,6 +13,10 @@ p without d, i.e. from normalise(max(p - q, 0)); so the outputs are the tokens n
 sampling gives, seeded or greedy (up to floating-point differences between batch shapes).
 Rejected drafts' K/V is left in the pages and simply not counted (the scheduler rolls
 num_computed_tokens back to the accepted length).
+
+Speculative engines run every step synchronously (drafts are proposed from every known token),
+and a request with penalties, logprobs or structured output pauses speculation while it is in
+the system (its steps take the extras sampler, which verifies no drafts).
 """
 
 from __future__ import annotations

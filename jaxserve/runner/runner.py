@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.step_plan import StepPlan
+from jaxserve.engine.step_plan import StepPlan, StepSequence
 from jaxserve.models.linear import pack_layer_matrices
 from jaxserve.runner import sampling
 from jaxserve.runner.batch import Buckets, pack_batch
@@ -50,17 +50,28 @@ class StepVariant(NamedTuple):
     num_seqs: int     # S, sequence slots
     extras: bool      # token penalties, logprobs of the sampled tokens, structured output masks
     all_logits: bool  # prompt logprobs: every row's logits (implies extras)
-    # R, sampled rows (0: one per sequence slot). Speculative steps sample each sequence's
-    # last token and each of its drafts: R = S x (1 + num_speculative_tokens).
-    num_rows: int = 0
-
-    @property
-    def rows(self) -> int:
-        return self.num_rows or self.num_seqs
 
     def sample_statics(self) -> dict:
         """The sampler program's static arguments for this variant."""
         return dict(use_penalties=self.extras, logprobs=self.extras, use_bitmask=self.extras)
+
+
+def _verify_rows(sequences) -> list[StepSequence]:
+    """A sequence carrying k drafts (its last known token, then the drafts) becomes k + 1
+    one-token sequences over the same page table, the j-th seeing the context up to its own
+    position: the same causal attention as one k+1-token chunk (all K/V is written before any
+    attention reads it), but decode-shaped, so the step takes the decode attention path, and
+    each row is sampled at its own output index, as non-speculative decoding would sample it."""
+    out = []
+    for q in sequences:
+        if not q.draft_token_ids:
+            out.append(q)
+            continue
+        for j, token in enumerate(q.token_ids):
+            sampling = dataclasses.replace(q.sampling,
+                                           num_in_flight=q.sampling.num_in_flight + j)
+            out.append(StepSequence([token], q.start_pos + j, q.page_ids, sampling))
+    return out
 
 
 class PackedStep(NamedTuple):
@@ -81,7 +92,12 @@ class ModelRunner:
         self.config = config
         sched = config.scheduler
         max_model_len = sched.max_model_len
-        self.buckets = Buckets.make(sched.max_num_batched_tokens, sched.max_num_seqs)
+        # Speculative decoding: each draft is verified as its own one-token sequence over the
+        # same pages (see _verify_rows), so steps hold up to max_num_seqs x (1 + k) slots.
+        spec = config.speculative
+        self.spec_width = 1 + spec.num_speculative_tokens if spec else 1
+        max_slots = min(sched.max_num_seqs * self.spec_width, sched.max_num_batched_tokens)
+        self.buckets = Buckets.make(sched.max_num_batched_tokens, max_slots)
         self.page_size = config.cache.page_size
         self.max_model_len = max_model_len
         self.pages_per_seq = math.ceil(max_model_len / self.page_size)
@@ -113,11 +129,8 @@ class ModelRunner:
         self._num_steps = 0  # folded into the key on the device, one stream per step
         # i32[S_max]: what the last dispatched step sampled per slot, kept on the device (put
         # with the sharding the step gives it back with, so feeding it back never recompiles)
-        spec = config.speculative
-        s_max = self.buckets.seq_buckets[-1]
-        self.spec_rows = s_max * (1 + spec.num_speculative_tokens) if spec else 0
         self._sampled = placement.put_replicated(
-            np.zeros(max(s_max, self.spec_rows), np.int32), self.sharding_plan.mesh)
+            np.zeros(self.buckets.seq_buckets[-1], np.int32), self.sharding_plan.mesh)
         self.compiles_after_warmup: int | None = None
         self._warm_count = None
         self.warmup_stats: dict | None = None
@@ -142,9 +155,6 @@ class ModelRunner:
             yield StepVariant(t, s_max, True, False)
         for t in self.extras_token_buckets(prompt_logprobs=True):
             yield StepVariant(t, s_max, True, True)
-        if self.spec_rows:  # speculative steps: plain sampling of every verified row
-            for t in self.extras_token_buckets():
-                yield StepVariant(t, s_max, False, False, self.spec_rows)
 
     def extras_token_buckets(self, prompt_logprobs: bool = False) -> list[int]:
         """Token buckets of the extras variants (largest sequence bucket): every one from
@@ -210,16 +220,11 @@ class ModelRunner:
         penalties, logprobs and token bitmasks alike (a neutral penalty and an all-ones mask
         are exact)."""
         num_tokens = plan.num_tokens
-        t, s = self.buckets.pick(num_tokens, plan.num_seqs)
+        t, s = self.buckets.pick(num_tokens, plan.num_sampled_rows)
         features = plan.features
-        if features.draft_tokens:
-            if features.any or not self.spec_rows:
-                raise ValueError("draft tokens need speculative decoding configured and a step "
-                                 "without penalties, logprobs or structured output")
-            s = self.buckets.seq_buckets[-1]
-            ts = self.extras_token_buckets()
-            return StepVariant(ts[bisect.bisect_left(ts, max(num_tokens, s))], s, False, False,
-                               self.spec_rows)
+        if features.draft_tokens and (features.any or self.spec_width == 1):
+            raise ValueError("draft tokens need speculative decoding configured and a step "
+                             "without penalties, logprobs or structured output")
         if features.any:
             s = self.buckets.seq_buckets[-1]
             ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
@@ -229,22 +234,11 @@ class ModelRunner:
     def _pack(self, plan: StepPlan, variant: StepVariant) -> PackedStep:
         """Host arrays of one step, padded to the variant's bucket."""
         t, s = variant.num_tokens, variant.num_seqs
-        seqs = plan.sequences
+        seqs = _verify_rows(plan.sequences) if plan.features.draft_tokens else plan.sequences
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         rows = [q.sampling for q in seqs]
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
-        elif variant.rows != s:  # speculative: every verified row, each at its output index
-            indices, rows = np.zeros(variant.rows, np.int32), []
-            end = 0
-            for q in seqs:
-                end += len(q.token_ids)
-                n = q.num_sampled_rows
-                indices[len(rows):len(rows) + n] = np.arange(end - n, end)
-                rows += [dataclasses.replace(q.sampling, num_in_flight=q.sampling.num_in_flight + j)
-                         for j in range(n)]
-            batch = batch.replace(logits_indices=indices)
-            s = variant.rows
         # a fixed history width keeps penalty steps at one shape per bucket
         md = sampling.build_sampling_metadata(rows, s, self.vocab_size,
                                               use_penalties=variant.extras,
@@ -295,7 +289,7 @@ class ModelRunner:
         packed = self._pack(StepPlan(), variant)
         fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets, 0,
                                                 variant.all_logits)
-        logits = jax.ShapeDtypeStruct((variant.rows, self.vocab_size), np.float32,
+        logits = jax.ShapeDtypeStruct((variant.num_seqs, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
         fwd, sample = self._forward_fn(variant.all_logits), self._step.sample
