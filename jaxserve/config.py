@@ -98,6 +98,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    # no drafts in a step while this many requests run (vLLM's name): where the step is
+    # compute-bound (CPUs, large batches) verifying drafts costs more than it saves
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -113,6 +116,11 @@ class SpeculativeConfig:
                 bad(f"{name} must be a positive integer, got {value!r}")
         if self.num_speculative_tokens > 16:
             bad(f"num_speculative_tokens can be at most 16, got {self.num_speculative_tokens}")
+        if self.disable_by_batch_size is not None and (
+                not isinstance(self.disable_by_batch_size, int)
+                or isinstance(self.disable_by_batch_size, bool) or self.disable_by_batch_size < 1):
+            bad(f"disable_by_batch_size must be a positive integer, got "
+                f"{self.disable_by_batch_size!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             bad(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
                 f"prompt_lookup_max ({self.prompt_lookup_max})")

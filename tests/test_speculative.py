@@ -271,3 +271,20 @@ def test_metrics_count_drafts(spec):
     assert 0 <= e.spec_num_accepted_tokens <= e.spec_num_draft_tokens
     assert sum(e.spec_accepted_per_pos) == e.spec_num_accepted_tokens
     assert all(a >= b for a, b in zip(e.spec_accepted_per_pos, e.spec_accepted_per_pos[1:]))
+
+
+def test_disable_by_batch_size(tiny_path, plain):
+    """No drafts while that many requests run; the tokens stay the same either way."""
+    prompts = _prompts(4, seed=5)
+    lens = [6, 12, 24, 48]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lens]
+    want = [[list(o.token_ids) for o in out.outputs] for out in plain.generate(prompts, params)]
+    from jaxserve.llm import LLM
+    for limit, drafts_expected in ((1, False), (3, True)):
+        llm = LLM(tiny_path, num_pages=256, page_size=8, max_num_seqs=8,
+                  max_num_batched_tokens=64,
+                  speculative_config={**SPEC, "disable_by_batch_size": limit})
+        got = [[list(o.token_ids) for o in out.outputs] for out in llm.generate(prompts, params)]
+        assert got == want
+        assert (llm.engine.spec_num_draft_tokens > 0) == drafts_expected
+

@@ -157,6 +157,9 @@ class LLMEngine:
         request is in the system, nobody speculates."""
         if any(_needs_extras(s.params) for s in self._states.values()):
             return
+        limit = self.config.speculative.disable_by_batch_size
+        if limit is not None and self.scheduler.num_running >= limit:
+            return
         for req in self.scheduler.running:
             if req.num_computed_tokens == req.num_tokens - 1 and not req.num_output_placeholders:
                 req.spec_token_ids = self.proposer.propose(req.all_token_ids)

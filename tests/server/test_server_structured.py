@@ -94,6 +94,19 @@ def test_chat_choice_under_both_names(client, field):
     assert len(seen) > 1
 
 
+def _chat_pairs(client, stream: bool, **kw) -> list[tuple[str, str]]:
+    """(content, finish_reason) per choice, from a whole response or summed stream deltas."""
+    if not stream:
+        resp = client.chat.completions.create(**kw)
+        return [(c.message.content, c.finish_reason) for c in resp.choices]
+    texts, finish = {}, {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    return [(texts[i], finish[i]) for i in sorted(texts)]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_response_format_json_schema(client, stream):
     fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": ENUM_SCHEMA,
@@ -102,16 +115,7 @@ def test_chat_response_format_json_schema(client, stream):
     for seed in range(4):
         kw = dict(messages=[{"role": "user", "content": "Answer in JSON"}],
                   max_tokens=16, temperature=1.0, n=2, seed=seed, response_format=fmt)
-        if stream:
-            texts, finish = {}, {}
-            for chunk in client.chat.completions.create(stream=True, **kw):
-                for c in chunk.choices:
-                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
-                    finish[c.index] = c.finish_reason or finish.get(c.index)
-            pairs = [(texts[i], finish[i]) for i in texts]
-        else:
-            resp = client.chat.completions.create(**kw)
-            pairs = [(c.message.content, c.finish_reason) for c in resp.choices]
+        pairs = _chat_pairs(client, stream, **kw)
         assert len(pairs) == 2
         for text, reason in pairs:
             assert reason == "stop"
@@ -211,16 +215,7 @@ def test_chat_response_format_json_object(client, stream):
     for seed in range(3):
         kw = dict(messages=[{"role": "user", "content": "JSON please"}], max_tokens=48,
                   temperature=1.0, n=2, seed=seed, response_format={"type": "json_object"})
-        if stream:
-            texts, finish = {}, {}
-            for chunk in client.chat.completions.create(stream=True, **kw):
-                for c in chunk.choices:
-                    texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
-                    finish[c.index] = c.finish_reason or finish.get(c.index)
-            pairs = [(texts[i], finish[i]) for i in texts]
-        else:
-            resp = client.chat.completions.create(**kw)
-            pairs = [(c.message.content, c.finish_reason) for c in resp.choices]
+        pairs = _chat_pairs(client, stream, **kw)
         for text, reason in pairs:
             assert text.lstrip().startswith("{"), text
             if reason == "stop":
