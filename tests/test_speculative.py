@@ -288,3 +288,32 @@ def test_disable_by_batch_size(tiny_path, plain):
         assert got == want
         assert (llm.engine.spec_num_draft_tokens > 0) == drafts_expected
 
+
+
+def test_a_logprobs_request_joining_pauses_speculation(tiny_path, plain):
+    """Drafts made for a step are dropped if the next step cannot verify them (a request with
+    logprobs arrived): the engine keeps serving and the tokens stay the same. The budget (16
+    tokens for 6 decodes of 1 + 3 rows) leaves drafted requests unscheduled every step."""
+    spec = _llm(tiny_path, max_num_batched_tokens=16)
+    engine = spec.engine
+    prompts = [[40 + i, 41 + i, 42 + i] for i in range(6)]  # all decoding after one step
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    want = _tokens(plain, prompts, greedy)
+    # every decode gets 3 drafts: 6 x 4 rows > 16, so some wait a step holding drafts
+    engine.proposer = OracleProposer(3, {tuple(p): w[0] for p, w in zip(prompts, want)})
+    for i, p in enumerate(prompts):
+        engine.add_request(f"pause-{i}", p, greedy)
+    done, joined = {}, False
+    for _ in range(400):
+        if not joined and any(r.spec_token_ids for r in engine.scheduler.running):
+            engine.add_request("with-logprobs", prompts[0], dataclasses.replace(greedy, logprobs=2))
+            joined = True
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [list(o.token_ids) for o in out.outputs]
+        if not engine.has_unfinished_requests():
+            break
+    assert joined
+    assert [done[f"pause-{i}"] for i in range(6)] == want
+    assert done["with-logprobs"] == want[0]
+    _pool_whole(spec)

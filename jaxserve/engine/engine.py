@@ -155,6 +155,8 @@ class LLMEngine:
         """Drafts for every running decode whose step can verify them: plain sampling (no
         penalties, logprobs or grammar, whose step variants carry no drafts); while any such
         request is in the system, nobody speculates."""
+        for req in self.scheduler.running:  # drafts never outlive the step they were made for
+            req.spec_token_ids = []
         if any(_needs_extras(s.params) for s in self._states.values()):
             return
         limit = self.config.speculative.disable_by_batch_size
