@@ -84,6 +84,14 @@ def test_compiles_once_and_caches_errors(compiler):
     assert err.value.param == "structured_outputs.grammar"
 
 
+def test_the_tokenizer_can_be_built_ahead(compiler):
+    _, tok = compiler
+    fresh = GrammarCompiler(tok, len(tok), [tok.eos_token_id])
+    fresh.prepare_in_background()
+    fresh._pool.shutdown(wait=True)  # the build is the pool's only job
+    assert fresh._llg_tokenizer is not None and fresh._llg_tokenizer.vocab_size == len(tok)
+
+
 def test_a_slow_compile_times_out_as_a_bad_request(compiler, monkeypatch):
     g, tok = compiler
     slow = GrammarCompiler(tok, len(tok), [tok.eos_token_id], timeout_s=0.05)

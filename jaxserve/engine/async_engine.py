@@ -44,6 +44,7 @@ class AsyncEngine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        self.engine.grammar.prepare_in_background()  # a server will see constrained requests
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="jaxserve-step-loop",
                                             daemon=True)
