@@ -69,11 +69,9 @@ def main(argv=None) -> int:
 
     from jaxserve import LLM, SamplingParams, StructuredOutputsParams
 
-    model = args.model
-    if model == "default":
-        from checkpoints.default_model import ensure_default_model
-        model = ensure_default_model()
-    llm = LLM(model, max_num_seqs=args.max_num_seqs)
+    llm = LLM(None if args.model == "default" else args.model,  # None: the default SmolLM2
+              max_num_seqs=args.max_num_seqs)
+    model = llm.config.model
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template(
         [{"role": "user", "content": f"Describe {PEOPLE[i % len(PEOPLE)]} as a JSON object "

@@ -286,8 +286,8 @@ class LLMEngine:
         if not matcher.consume_token(token):
             log.error("request %s: sampled token %d outside its grammar (%s); finishing it",
                       req.request_id, token, matcher.get_error())
-        if (matcher.is_stopped() or matcher.is_error()) and not req.is_finished \
-                and (req.sampling_params.ignore_eos or matcher.is_error()):
+        if not req.is_finished and (matcher.is_error() or (
+                matcher.is_stopped() and req.sampling_params.ignore_eos)):
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
 
     # -- helpers ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ so a placeholder that was never resolved is caught, not read as slot 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from jaxserve.engine.sampling_params import SamplingParams
@@ -110,7 +111,7 @@ class StepPlan:
     def num_seqs(self) -> int:
         return len(self.sequences)
 
-    @property
+    @functools.cached_property  # read by the runner twice a step (variant, packing)
     def features(self) -> StepFeatures:
         params = [s.sampling.params for s in self.sequences]
         return StepFeatures(

@@ -236,11 +236,10 @@ class ModelRunner:
         t, s = variant.num_tokens, variant.num_seqs
         seqs = _verify_rows(plan.sequences) if plan.features.draft_tokens else plan.sequences
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
-        rows = [q.sampling for q in seqs]
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
         # a fixed history width keeps penalty steps at one shape per bucket
-        md = sampling.build_sampling_metadata(rows, s, self.vocab_size,
+        md = sampling.build_sampling_metadata([q.sampling for q in seqs], s, self.vocab_size,
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len,
                                               use_bitmask=variant.extras)

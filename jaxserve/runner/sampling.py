@@ -100,13 +100,6 @@ def needs_penalties(x: Any) -> bool:
     return p.uses_penalties
 
 
-def needs_logprobs(x: Any) -> bool:
-    """Whether a sequence asks for logprobs of its sampled tokens, which makes the step take
-    the variant that computes them (`logprobs=True` in `sample`)."""
-    p = x if isinstance(x, SamplingParams) else _as_input(x).params
-    return p.logprobs is not None
-
-
 def _next_pow2(n: int, lo: int) -> int:
     b = lo
     while b < n:

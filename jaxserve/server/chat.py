@@ -114,15 +114,16 @@ class _ChoiceStream:
         mode = self.mode
         if mode is None:
             return ({"content": new} if new else {}), finish_reason
-        if mode.named is not None:
+        if mode.named is not None:  # the whole output is the call's arguments
+            reason = "tool_calls" if finish_reason == "stop" else finish_reason
             call: dict = {"index": 0, "function": {"arguments": new}}
             if self.named_id is None:
                 self.named_id = new_call_id()
                 call.update(id=self.named_id, type="function")
                 call["function"]["name"] = mode.named
             elif not new:
-                return {}, _finish_reason(finish_reason, [1]) if finished else finish_reason
-            return {"tool_calls": [call]}, _finish_reason(finish_reason, [1])
+                return {}, reason
+            return {"tool_calls": [call]}, reason
         if self.auto is not None and not finished:
             content = self.auto.content_delta(text)
             return ({"content": content} if content else {}), finish_reason
