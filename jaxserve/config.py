@@ -88,8 +88,8 @@ class SchedulerConfig:
 
 
 # speculative decoding (engine/speculative.py): implemented methods, and vLLM's others
-SPECULATIVE_METHODS = ("ngram",)
-SPECULATIVE_NOT_YET = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "suffix")
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_NOT_YET = ("eagle", "eagle3", "medusa", "mlp_speculator", "suffix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,8 @@ class SpeculativeConfig:
     # no drafts in a step while this many requests run (vLLM's name): where the step is
     # compute-bound (CPUs, large batches) verifying drafts costs more than it saves
     disable_by_batch_size: int | None = None
+    # draft_model: the smaller model's folder or GGUF file (same tokenizer and vocabulary)
+    model: str | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -110,6 +112,11 @@ class SpeculativeConfig:
                 f"{', '.join(SPECULATIVE_METHODS)}")
         if self.method not in SPECULATIVE_METHODS:
             bad(f"unknown method {self.method!r}; implemented: {', '.join(SPECULATIVE_METHODS)}")
+        if self.method == "ngram" and self.model is not None:
+            bad("method ngram takes no model")
+        if self.method == "draft_model" and (not isinstance(self.model, str)
+                                             or not self.model.strip()):
+            bad("method draft_model needs a model (the draft model's path)")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -138,14 +145,13 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ConfigError("--speculative-config must be a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(value) - known - {"model"})
+        extra = sorted(set(value) - known)
         if extra:
             raise ConfigError(f"--speculative-config: unknown keys {extra}")
-        if "model" in value and value.get("method", "ngram") == "ngram":
-            raise ConfigError("--speculative-config: method ngram takes no model")
         if "method" not in value:
-            raise ConfigError("--speculative-config needs a method (implemented: ngram)")
-        return cls(**{k: v for k, v in value.items() if k != "model"})
+            raise ConfigError("--speculative-config needs a method (implemented: "
+                              f"{', '.join(SPECULATIVE_METHODS)})")
+        return cls(**value)
 
 
 @dataclasses.dataclass(frozen=True)

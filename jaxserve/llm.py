@@ -71,8 +71,9 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
         f"attention backend {name}, max_model_len {max_model_len}")
     from jaxserve.config import ConfigError
     from jaxserve.parallel import ShardingError
+    draft = _load_draft_model(config, loaded, log)
     try:
-        runner = ModelRunner(loaded, config, attention_fn, log=log)
+        runner = ModelRunner(loaded, config, attention_fn, log=log, draft=draft)
     except ShardingError as e:  # a mesh that does not fit this model or these devices
         raise ConfigError(str(e)) from None
     if warmup:
@@ -83,6 +84,32 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
     engine = LLMEngine(runner, loaded.tokenizer, config, eos_token_ids=eos)
     engine.model_config = cfg
     return engine
+
+
+def _load_draft_model(config: EngineConfig, target, log):
+    """The draft model of speculative_config method draft_model, in the target's dtype; its
+    vocabulary must be the target's (same size, same token strings)."""
+    spec = config.speculative
+    if spec is None or spec.method != "draft_model":
+        return None
+    from jaxserve.config import ConfigError
+    from jaxserve.loading import ModelLoadError, load_model
+    import jax
+    dtype = str(jax.tree.leaves(target.params)[0].dtype)
+    try:
+        draft = load_model(spec.model, dtype=dtype)
+    except (ModelLoadError, OSError) as e:
+        raise ConfigError(f"--speculative-config: cannot load the draft model {spec.model!r}: "
+                          f"{e}") from None
+    ours, theirs = target.config.vocab_size, draft.config.vocab_size
+    if ours != theirs or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise ConfigError(f"--speculative-config: the draft model {spec.model!r} has another "
+                          f"vocabulary ({theirs} token ids, the target {ours}); a draft model "
+                          "needs the target's tokenizer")
+    cfg = draft.config
+    log(f"draft model {spec.model}: {cfg.architecture}, {cfg.num_layers} layers, "
+        f"{spec.num_speculative_tokens} drafts per step")
+    return draft
 
 
 class LLM:

@@ -25,7 +25,7 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 # -- config and proposer ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value,match", [
-    ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "not implemented"),
+    ('{"method": "eagle3", "model": "x", "num_speculative_tokens": 2}', "not implemented"),
     ('{"method": "medusa"}', "not implemented"),
     ('{"method": "nope"}', "unknown method"),
     ('{"num_speculative_tokens": 2}', "needs a method"),

@@ -29,8 +29,9 @@ from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, RequestStatus
 from jaxserve.engine.sampling_params import SamplingParams
 from jaxserve.engine.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
-from jaxserve.engine.speculative import NgramProposer, accepted_prefix
-from jaxserve.engine.step_plan import SequenceSampling, StepPlan, StepSequence, in_flight_ref
+from jaxserve.engine.speculative import accepted_prefix, make_proposer
+from jaxserve.engine.step_plan import (DRAFT_PENDING, SequenceSampling, StepPlan, StepSequence,
+                                       in_flight_ref)
 
 
 log = logging.getLogger("jaxserve.engine")
@@ -81,7 +82,9 @@ class LLMEngine:
         self.grammar = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_token_ids)
         self.num_structured_requests = 0
         spec = config.speculative
-        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.proposer = make_proposer(spec)
+        # a draft model mirrors every step into its own cache (runner/draft.py)
+        self.has_draft_model = spec is not None and spec.method == "draft_model"
         # vLLM's spec-decode counters: sequences that carried drafts, drafts, accepted ones
         self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
         self.spec_accepted_per_pos = [0] * (spec.num_speculative_tokens if spec else 0)
@@ -169,9 +172,13 @@ class LLMEngine:
     def _verify(self, s, out, row: int) -> list[int]:
         """The tokens a sequence that carried drafts keeps, and the acceptance counters."""
         drafts = s.draft_token_ids
+        if self.has_draft_model:  # made on the device by the step itself
+            drafts = [int(t) for t in out.draft_token_ids[row:row + len(drafts)]]
         sampled = [int(t) for t in out.token_ids[row:row + len(drafts) + 1]]
         kept = accepted_prefix(drafts, sampled)
         accepted = len(kept) - 1
+        # the draft model fed every draft but the last: if all were kept, it lags by one
+        s.request.draft_lag = int(accepted == len(drafts))
         self.spec_num_drafts += 1
         self.spec_num_draft_tokens += len(drafts)
         self.spec_num_accepted_tokens += accepted
@@ -218,13 +225,22 @@ class LLMEngine:
             if PLACEHOLDER in token_ids:  # sampled by `previous`, still on the device
                 ref = in_flight_ref(previous.slot_of[s.request_id])
                 token_ids = [ref if t == PLACEHOLDER else t for t in token_ids]
+            drafts, model_drafts, catch_up = s.draft_token_ids, 0, ()
+            if self.has_draft_model:
+                if drafts:  # DRAFT_PENDING: the draft model proposes them in this step
+                    assert all(t == DRAFT_PENDING for t in drafts)
+                    token_ids, drafts, model_drafts = token_ids[:-len(drafts)], [], len(drafts)
+                lag = min(req.draft_lag, s.start_pos)
+                catch_up = tuple(req.all_token_ids[s.start_pos - lag:s.start_pos])
+                req.draft_lag = 0  # this step's mirror pass feeds them (_verify may set it)
             sampling = SequenceSampling(req.sampling_params, req.prompt_token_ids,
                                         req.output_token_ids, req.eos_token_ids,
                                         req.sampling_salt,
                                         num_in_flight=s.output_index - req.num_output_tokens,
                                         token_bitmask=bitmasks.get(slot))
             sequences.append(StepSequence(token_ids, s.start_pos, s.page_ids, sampling, targets,
-                                          draft_token_ids=s.draft_token_ids))
+                                          draft_token_ids=drafts, num_model_drafts=model_drafts,
+                                          draft_catch_up=catch_up))
         pending = self.runner.dispatch(StepPlan(tuple(sequences)))
         self.num_steps += 1
         return _DeviceStep(sched, pending, wants_prompt_logprobs)

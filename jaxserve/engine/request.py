@@ -91,6 +91,9 @@ class Request:
     # Speculative decoding: draft tokens the engine proposes for this request's next decode
     # step (engine/speculative.py); the scheduler takes (and trims) them when it schedules.
     spec_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)
+    # Draft model: tokens before num_computed_tokens whose draft-model K/V is missing (1 after
+    # a step that accepted every draft: the last one was never fed to the draft model)
+    draft_lag: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self):
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -14,6 +14,10 @@ sampling gives, seeded or greedy (up to floating-point differences between batch
 Rejected drafts' K/V is left in the pages and simply not counted (the scheduler rolls
 num_computed_tokens back to the accepted length).
 
+With a draft model (method "draft_model"), the drafts come from the draft model on the
+device and the same verification is rejection sampling against the draft's distribution
+(runner/spec_sampling.py); greedy rows are verified exactly as above.
+
 Speculative engines run every step synchronously (drafts are proposed from every known token),
 and a request with penalties, logprobs or structured output pauses speculation while it is in
 the system (its steps take the extras sampler, which verifies no drafts).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxserve.config import SpeculativeConfig
+from jaxserve.engine.step_plan import DRAFT_PENDING
 
 class NgramProposer:
     """Prompt lookup: find the longest suffix of the sequence (prompt_lookup_max tokens down
@@ -48,6 +53,25 @@ class NgramProposer:
                 start = int(hits[-1]) + n  # the most recent earlier occurrence
                 return tokens[start:start + k].tolist()
         return []
+
+
+class DraftModelProposer:
+    """The draft model's drafts are made on the device, in the step that verifies them
+    (runner/draft.py): on the host a sequence is only marked for k drafts (DRAFT_PENDING), so
+    that the scheduler counts them in its budget and allocates their pages."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.k = config.num_speculative_tokens
+
+    def propose(self, token_ids: list[int], max_drafts: int | None = None) -> list[int]:
+        k = self.k if max_drafts is None else min(self.k, max_drafts)
+        return [DRAFT_PENDING] * max(k, 0)
+
+
+def make_proposer(config: SpeculativeConfig | None):
+    if config is None:
+        return None
+    return DraftModelProposer(config) if config.method == "draft_model" else NgramProposer(config)
 
 
 def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:

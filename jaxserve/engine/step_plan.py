@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from jaxserve.engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -(2 ** 31)  # int32 min: a token the in-flight step samples, not yet resolved
+# speculative decoding with a draft model: a draft the step itself proposes (the runner's draft
+# model, on the device) before verifying it; never fed as a token
+DRAFT_PENDING = PLACEHOLDER + 1
 _MAX_SLOTS = 2 ** 20
 
 
@@ -84,14 +87,25 @@ class StepSequence:
     # speculative decoding: the drafts at the end of token_ids; the step samples a token at
     # each of the last len + 1 rows (engine/speculative.py)
     draft_token_ids: list[int] = dataclasses.field(default_factory=list)
+    # speculative decoding with a draft model: the runner's draft model proposes this many
+    # drafts after token_ids (which holds the known tokens only) and the step verifies them
+    num_model_drafts: int = 0
+    # draft model: the tokens just before start_pos whose draft K/V is still missing (the last
+    # draft of a fully accepted run, which the draft model never fed); it feeds them first
+    draft_catch_up: tuple[int, ...] = ()
 
     @property
     def num_sampled_rows(self) -> int:
-        return 1 + len(self.draft_token_ids)
+        return 1 + len(self.draft_token_ids) + self.num_model_drafts
 
     def __post_init__(self):
-        if PLACEHOLDER in self.token_ids:
+        if PLACEHOLDER in self.token_ids or DRAFT_PENDING in self.token_ids:
             raise ValueError("a step sequence still holds an unresolved in-flight placeholder")
+        if self.num_model_drafts and self.draft_token_ids:
+            raise ValueError("a sequence's drafts come from the proposer or the draft model, "
+                             "not both")
+        if len(self.draft_catch_up) > self.start_pos:
+            raise ValueError("draft_catch_up reaches before the first position")
         if self.prompt_targets is not None and len(self.prompt_targets) != len(self.token_ids):
             raise ValueError("prompt_targets needs one entry per token row")
         if len(self.draft_token_ids) >= len(self.token_ids):
@@ -119,7 +133,11 @@ class StepPlan:
             logprobs=any(p.logprobs is not None for p in params),
             prompt_logprobs=any(s.prompt_targets is not None for s in self.sequences),
             token_bitmask=any(s.sampling.token_bitmask is not None for s in self.sequences),
-            draft_tokens=any(s.draft_token_ids for s in self.sequences))
+            draft_tokens=any(s.draft_token_ids or s.num_model_drafts for s in self.sequences))
+
+    @property
+    def num_model_drafts(self) -> int:
+        return sum(s.num_model_drafts for s in self.sequences)
 
     @property
     def num_sampled_rows(self) -> int:

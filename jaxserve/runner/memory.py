@@ -20,6 +20,7 @@ class MemoryPlan:
     num_pages: int
     page_size: int
     budget_source: str
+    draft_page_bytes: int = 0  # the draft model's share of page_bytes (speculative decoding)
 
     @property
     def kv_bytes(self) -> int:
@@ -31,9 +32,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         gib = 2**30
+        draft = (f", {self.draft_page_bytes * self.num_pages / gib:.2f} GiB of it the draft "
+                 f"model's" if self.draft_page_bytes else "")
         return (f"memory plan: weights {self.weight_bytes / gib:.2f} GiB, KV cache "
                 f"{self.num_pages} pages x {self.page_size} tokens = {self.tokens} tokens "
-                f"({self.kv_bytes / gib:.2f} GiB; {self.budget_source})")
+                f"({self.kv_bytes / gib:.2f} GiB{draft}; {self.budget_source})")
 
 
 def tree_bytes(tree) -> int:
@@ -55,13 +58,16 @@ def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype) ->
 
 
 def plan_memory(cfg: ModelConfig, cache: CacheConfig, weight_bytes: int, cache_dtype,
-                max_tokens: int, max_seqs: int, device=None, kv_shards: int = 1) -> MemoryPlan:
+                max_tokens: int, max_seqs: int, device=None, kv_shards: int = 1,
+                draft_page_bytes: int = 0) -> MemoryPlan:
     """weight_bytes and the budget are per device; a page split over kv_shards devices (KV
-    heads on the model axis) costs each of them 1/kv_shards of its bytes."""
+    heads on the model axis) costs each of them 1/kv_shards of its bytes. draft_page_bytes: a
+    draft model's cache, which has the target's pages (runner/draft.py), adds to every page."""
     device = device or jax.devices()[0]
-    per_page = page_bytes(cfg, cache.page_size, cache_dtype) // kv_shards
+    per_page = page_bytes(cfg, cache.page_size, cache_dtype) // kv_shards + draft_page_bytes
     if cache.num_pages is not None:
-        return MemoryPlan(weight_bytes, per_page, cache.num_pages, cache.page_size, "--num-pages")
+        return MemoryPlan(weight_bytes, per_page, cache.num_pages, cache.page_size, "--num-pages",
+                          draft_page_bytes)
     if cache.kv_cache_memory_bytes is not None:
         budget, source = cache.kv_cache_memory_bytes, "--kv-cache-memory"
     elif device.platform == "cpu":
@@ -77,4 +83,5 @@ def plan_memory(cfg: ModelConfig, cache: CacheConfig, weight_bytes: int, cache_d
     if num_pages < 2:
         raise MemoryError(f"no room for the KV cache: budget {budget / 2**20:.1f} MiB ({source}) "
                           f"holds fewer than 2 pages of {per_page / 2**20:.2f} MiB")
-    return MemoryPlan(weight_bytes, per_page, int(num_pages), cache.page_size, source)
+    return MemoryPlan(weight_bytes, per_page, int(num_pages), cache.page_size, source,
+                      draft_page_bytes)

@@ -20,28 +20,22 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve.config import EngineConfig
-from jaxserve.engine.step_plan import StepPlan, StepSequence
+from jaxserve.config import ConfigError, EngineConfig
+from jaxserve.engine.step_plan import StepPlan, StepSequence, in_flight_ref
 from jaxserve.models.linear import pack_layer_matrices
-from jaxserve.runner import sampling
+from jaxserve.runner import programs, sampling
 from jaxserve.runner.batch import Buckets, pack_batch
 from jaxserve.runner.compile_guard import cache_counts, compile_count
 from jaxserve.runner.linear_backend import resolve_linear_backend
 from jaxserve.parallel import ShardingPlan, lead_call, placement
-from jaxserve.runner.memory import plan_memory
+from jaxserve.runner.memory import page_bytes, plan_memory
 from jaxserve.runner.step import compiled_step
-
-
-# Compiled step executables of this process, by (step function, variant, argument shapes and
-# shardings): engines rebuilt with the same model and settings (tests, restarts) reuse them.
-_EXECUTABLES: dict = {}
 
 
 class StepVariant(NamedTuple):
@@ -50,28 +44,43 @@ class StepVariant(NamedTuple):
     num_seqs: int     # S, sequence slots
     extras: bool      # token penalties, logprobs of the sampled tokens, structured output masks
     all_logits: bool  # prompt logprobs: every row's logits (implies extras)
+    # a draft-model engine's plain steps: rows may verify the draft model's drafts
+    verify_drafts: bool = False
 
     def sample_statics(self) -> dict:
         """The sampler program's static arguments for this variant."""
-        return dict(use_penalties=self.extras, logprobs=self.extras, use_bitmask=self.extras)
+        return dict(use_penalties=self.extras, logprobs=self.extras, use_bitmask=self.extras,
+                    verify_drafts=self.verify_drafts)
 
 
-def _verify_rows(sequences) -> list[StepSequence]:
-    """A sequence carrying k drafts (its last known token, then the drafts) becomes k + 1
+def _verify_rows(sequences, k: int) -> tuple[list[StepSequence], list[int]]:
+    """A sequence carrying n drafts (its last known token, then the drafts) becomes n + 1
     one-token sequences over the same page table, the j-th seeing the context up to its own
-    position: the same causal attention as one k+1-token chunk (all K/V is written before any
+    position: the same causal attention as one n+1-token chunk (all K/V is written before any
     attention reads it), but decode-shaped, so the step takes the decode attention path, and
-    each row is sampled at its own output index, as non-speculative decoding would sample it."""
-    out = []
-    for q in sequences:
-        if not q.draft_token_ids:
+    each row is sampled at its own output index, as non-speculative decoding would sample it.
+
+    A draft model's drafts are on the device: row j >= 1 feeds in_flight_ref(its previous row),
+    which reads the draft that row verifies (runner/draft.py lays them out per row). Returns
+    the rows and, per row, the flat index slot * k + j of the draft-model draft it verifies
+    (-1: none)."""
+    out, draft_index = [], []
+    for slot, q in enumerate(sequences):
+        n = q.num_model_drafts
+        if not q.draft_token_ids and not n:
             out.append(q)
+            draft_index.append(-1)
             continue
-        for j, token in enumerate(q.token_ids):
+        if n and len(q.token_ids) != 1:
+            raise ValueError("draft-model drafts follow a decode's one known token")
+        tokens = list(q.token_ids) if not n else [q.token_ids[0]] + [
+            in_flight_ref(len(out) + j) for j in range(n)]
+        for j, token in enumerate(tokens):
             sampling = dataclasses.replace(q.sampling,
                                            num_in_flight=q.sampling.num_in_flight + j)
             out.append(StepSequence([token], q.start_pos + j, q.page_ids, sampling))
-    return out
+            draft_index.append(slot * k + j if j < n else -1)
+    return out, draft_index
 
 
 class PackedStep(NamedTuple):
@@ -81,11 +90,13 @@ class PackedStep(NamedTuple):
     batch: object         # models.batch.ForwardBatch of numpy arrays
     md: object            # sampling.SamplingMetadata of numpy arrays
     targets: np.ndarray   # i32[T] prompt-logprob targets (i32[1] in other variants)
+    target_rows: np.ndarray  # i32[S_max] per row, the draft-model draft it verifies (or -1)
 
 
 class ModelRunner:
-    def __init__(self, loaded, config: EngineConfig, attention_fn, log=print):
-        """config: resolved (EngineConfig.resolved), so every limit is a number here."""
+    def __init__(self, loaded, config: EngineConfig, attention_fn, log=print, draft=None):
+        """config: resolved (EngineConfig.resolved), so every limit is a number here.
+        draft: the loaded draft model of speculative_config method draft_model."""
         if not config.scheduler.is_resolved:
             raise ValueError("ModelRunner needs a resolved EngineConfig (EngineConfig.resolved)")
         self.cfg = loaded.config
@@ -114,13 +125,25 @@ class ModelRunner:
             log(note)
         if self.linear_backend == "native":
             self.params = pack_layer_matrices(self.params)
-        self.plan = plan_memory(self.cfg, config.cache,
-                                self.sharding_plan.per_device_bytes(loaded.params), dtype,
+        weight_bytes = self.sharding_plan.per_device_bytes(loaded.params)
+        draft_page_bytes = 0
+        if draft is not None:  # its weights and its share of every page count too
+            if self.sharding_plan.multi_process:
+                raise ConfigError("--speculative-config: a draft model runs on one host only")
+            weight_bytes += self.sharding_plan.per_device_bytes(draft.params)
+            draft_page_bytes = page_bytes(draft.config, self.page_size, dtype)
+        self.plan = plan_memory(self.cfg, config.cache, weight_bytes, dtype,
                                 sched.max_num_batched_tokens, sched.max_num_seqs,
-                                kv_shards=self.sharding_plan.kv_cache_shards)
+                                kv_shards=self.sharding_plan.kv_cache_shards,
+                                draft_page_bytes=draft_page_bytes)
         log(self.plan.describe())
         self.num_pages = self.plan.num_pages
         self.kv_cache = self.sharding_plan.zeros_kv_cache(self.num_pages, self.page_size, dtype)
+        self.draft = None
+        if draft is not None:
+            from jaxserve.runner.draft import DraftModel
+            self.draft = DraftModel(draft, config, attention_fn, self.num_pages,
+                                    self.buckets.seq_buckets[-1], self.linear_backend)
         self.vocab_size = self.cfg.vocab_size
         self._step = compiled_step(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
                                    self.sharding_plan.step_out_shardings())
@@ -150,7 +173,7 @@ class ModelRunner:
         from the largest sequence bucket up, so a small step is never padded to the largest."""
         s_max = self.buckets.seq_buckets[-1]
         for t, s in self.buckets.all_shapes():
-            yield StepVariant(t, s, False, False)
+            yield StepVariant(t, s, False, False, verify_drafts=self.draft is not None)
         for t in self.extras_token_buckets():
             yield StepVariant(t, s_max, True, False)
         for t in self.extras_token_buckets(prompt_logprobs=True):
@@ -225,16 +248,22 @@ class ModelRunner:
         if features.draft_tokens and (features.any or self.spec_width == 1):
             raise ValueError("draft tokens need speculative decoding configured and a step "
                              "without penalties, logprobs or structured output")
+        if plan.num_model_drafts and self.draft is None:
+            raise ValueError("draft-model drafts need a draft model (speculative_config)")
         if features.any:
             s = self.buckets.seq_buckets[-1]
             ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
             t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
-        return StepVariant(t, s, features.any, features.prompt_logprobs)
+        return StepVariant(t, s, features.any, features.prompt_logprobs,
+                           verify_drafts=self.draft is not None and not features.any)
 
     def _pack(self, plan: StepPlan, variant: StepVariant) -> PackedStep:
         """Host arrays of one step, padded to the variant's bucket."""
         t, s = variant.num_tokens, variant.num_seqs
-        seqs = _verify_rows(plan.sequences) if plan.features.draft_tokens else plan.sequences
+        seqs, draft_index = plan.sequences, []
+        if plan.features.draft_tokens:
+            k = self.spec_width - 1
+            seqs, draft_index = _verify_rows(plan.sequences, k)
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
@@ -243,6 +272,11 @@ class ModelRunner:
                                               use_penalties=variant.extras,
                                               penalty_width=self.max_model_len,
                                               use_bitmask=variant.extras)
+        # draft model: per target row, the draft it verifies (read by the draft's proposal,
+        # which lays the drafts out per row, and by the sampler, which reads their q)
+        target_rows = np.full(self.buckets.seq_buckets[-1], -1, np.int32)
+        target_rows[:len(draft_index)] = draft_index
+        md = md.replace(draft_index=target_rows[:s].copy())
         # prompt-logprob targets per token row, read only by the prompt-logprob forward
         targets = np.zeros(t if variant.all_logits else 1, np.int32)
         row = 0
@@ -250,7 +284,7 @@ class ModelRunner:
             if q.prompt_targets is not None and variant.all_logits:
                 targets[row:row + len(q.prompt_targets)] = np.maximum(q.prompt_targets, 0)
             row += len(q.token_ids)
-        return PackedStep(variant, batch, md, targets)
+        return PackedStep(variant, batch, md, targets, target_rows)
 
     def _run(self, plan: StepPlan, variant: StepVariant):
         host_start = time.perf_counter()
@@ -259,42 +293,46 @@ class ModelRunner:
         self.last_host_seconds = time.perf_counter() - host_start
         if self.multihost:  # every process runs the same step: broadcast process 0's inputs
             return lead_call(self, "run_packed", packed)
-        return self.run_packed(packed)
+        drafts = None
+        if self.draft is not None:  # the draft model keeps up, and proposes (on the device)
+            drafts = self.draft.run(plan, packed.target_rows, self._key, self._num_steps + 1)
+        return self.run_packed(packed, drafts if variant.verify_drafts else None)
 
-    def _step_args(self, batch, md, targets, step_index: int, all_logits: bool):
+    def _step_args(self, batch, md, targets, step_index: int, all_logits: bool,
+                   drafts=None):
         """Device arguments of one step: (its forward's, its sampler's without the logits);
-        a prompt-logprob step's forward also takes the prompt targets."""
+        a prompt-logprob step's forward also takes the prompt targets. drafts: the draft
+        model's (row_drafts, q), which the forward reads as its in-flight tokens."""
         sp = self.sharding_plan
         batch = sp.put_batch(batch)
-        forward = (self.params, self.kv_cache, batch, self._sampled)
+        prev = self._sampled if drafts is None else drafts[0]
+        forward = (self.params, self.kv_cache, batch, prev)
         if all_logits:
             forward += (sp.put_replicated(targets),)
         sample = (sp.put_replicated(md), self._key, sp.put_replicated(np.uint32(step_index)),
-                  self._sampled)
+                  prev)
+        if drafts is not None:
+            sample += (drafts[1],)
         return forward, sample
 
     def _forward_fn(self, all_logits: bool):
         return self._step.forward_prompt_logprobs if all_logits else self._step.forward
 
-    @staticmethod
-    def _shapes_key(fn, statics, args) -> tuple:
-        leaves, treedef = jax.tree.flatten(args)  # the treedef holds static fields (n_out)
-        return (fn, statics, treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None))
-                                            for x in leaves))
-
     def _compile_jobs(self, variant: StepVariant) -> list:
         """(key, compile thunk) for the two programs of a variant; variants that share a
         program (same shapes) share its key, so it compiles once."""
         packed = self._pack(StepPlan(), variant)
+        drafts = ((self.draft.no_drafts, self.draft.no_draft_probs) if variant.verify_drafts
+                  else None)
         fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets, 0,
-                                                variant.all_logits)
+                                                variant.all_logits, drafts)
         logits = jax.ShapeDtypeStruct((variant.num_seqs, self.vocab_size), np.float32,
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
         fwd, sample = self._forward_fn(variant.all_logits), self._step.sample
         return [
-            (self._shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
-            (self._shapes_key(sample, tuple(statics.items()), (logits, *sample_args)),
+            (programs.shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
+            (programs.shapes_key(sample, tuple(statics.items()), (logits, *sample_args)),
              lambda: sample.lower(logits, *sample_args, **statics).compile()),
         ]
 
@@ -303,26 +341,23 @@ class ModelRunner:
         once, on `workers` threads (XLA compiles outside the GIL); the executables are kept
         (shared by every runner of the process with the same shapes) and run by run_packed."""
         jobs = {v: self._compile_jobs(v) for v in variants}
-        todo = {key: thunk for pair in jobs.values() for key, thunk in pair
-                if key not in _EXECUTABLES}
-
-        def compile_one(item):
-            key, thunk = item
-            _EXECUTABLES[key] = thunk()
-        with ThreadPoolExecutor(workers) as pool:
-            list(tqdm(pool.map(compile_one, todo.items()), total=len(todo),
-                      desc=f"compiling step programs ({workers} threads)", unit="program",
-                      file=sys.stderr, disable=not progress, leave=False))
+        todo = {key: thunk for pair in jobs.values() for key, thunk in pair}
+        draft_jobs = self.draft.compile_jobs(self._key) if self.draft is not None else {}
+        programs.compile_all({**todo, **draft_jobs}, workers, "compiling step programs",
+                             progress)
         for v, pair in jobs.items():
-            self._executables[v] = tuple(_EXECUTABLES[key] for key, _ in pair)
-        self._num_programs = len({key for pair in jobs.values() for key, _ in pair})
+            self._executables[v] = tuple(programs.executable(key) for key, _ in pair)
+        if self.draft is not None:
+            self.draft.bind(draft_jobs)
+        self._num_programs = len(todo) + len(draft_jobs)
 
-    def run_packed(self, packed: PackedStep):
-        """The device part of a step, on host arrays already padded to a bucket."""
+    def run_packed(self, packed: PackedStep, drafts=None):
+        """The device part of a step, on host arrays already padded to a bucket; drafts: the
+        draft model's outputs for this step (DraftModel.run)."""
         self._num_steps += 1
         variant = packed.variant
         fwd_args, sample_args = self._step_args(packed.batch, packed.md, packed.targets,
-                                                self._num_steps, variant.all_logits)
+                                                self._num_steps, variant.all_logits, drafts)
         executables = self._executables.get(variant)
         if executables is not None:
             forward, sample = executables

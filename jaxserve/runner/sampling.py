@@ -64,6 +64,9 @@ class SamplingMetadata:
     # i32[S, M]: structured output, bit v % 32 of word v // 32 set where token v may be sampled;
     # -1 (all set) for unconstrained rows. M = ceil(V/32) with use_bitmask, else 1 (unused).
     token_bitmask: jnp.ndarray
+    # i32[S]: speculative decoding with a draft model, the row's index into the step's draft
+    # probabilities (runner/spec_sampling.py); -1 where the row verifies no draft
+    draft_index: jnp.ndarray
 
 
 @struct.dataclass
@@ -207,7 +210,7 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
         bitmask = np.full((S, 1), -1, np.int32)
 
     return SamplingMetadata(
-        token_bitmask=bitmask,
+        token_bitmask=bitmask, draft_index=np.full(S, -1, np.int32),
         # t > 0 never turns greedy on the device, however small (0 is the only greedy value).
         temperature=column([p.temperature and max(p.temperature, GREEDY_EPS) for p in params],
                            np.float32, 0.0),
@@ -375,12 +378,14 @@ def apply_token_bitmask(logits: jnp.ndarray, bitmask: jnp.ndarray) -> jnp.ndarra
 
 def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
            num_top_logprobs: int, use_penalties: bool, logprobs: bool = True,
-           use_bitmask: bool = False) -> SamplerOutput:
+           use_bitmask: bool = False, drafts: tuple | None = None) -> SamplerOutput:
     """Sample one token per row of logits f32[S, V]. Static: num_top_logprobs, use_penalties,
     logprobs (False: no log_softmax and no top-k at all; logprobs come back as zeros and the
     top arrays with K = 0, for steps in which no request asked for them), use_bitmask
     (structured output: md.token_bitmask masks the logits before anything else, so greedy rows,
     draws and the reported logprobs all see only the allowed tokens, as in vLLM).
+    drafts: (row_drafts i32[>= S], draft_probs f32[Q, V]) of a draft model's proposals, which
+    random rows with md.draft_index >= 0 verify by rejection sampling (spec_sampling.py).
 
     base_key: the step's PRNG key (raw u32[2] or a typed threefry key); only unseeded rows use it.
     """
@@ -397,7 +402,11 @@ def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
         keys = row_keys(md, base_key)                                     # key[S]
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)  # f32[S, V]
         # Gumbel-max: argmax(logit + Gumbel noise) is an exact draw from softmax(logit).
-        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+        ids = jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+        if drafts is not None:
+            from jaxserve.runner.spec_sampling import verify_drafts
+            ids = verify_drafts(filtered, keys, ids, md.draft_index, *drafts)
+        return ids
 
     # An all-greedy batch (the common benchmark case) skips filtering and noise entirely.
     random_ids = jax.lax.cond(jnp.all(is_greedy), lambda a: greedy_ids, draw, adjusted)

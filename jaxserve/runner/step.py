@@ -44,6 +44,7 @@ class StepOutput:
     prompt_logprobs: jnp.ndarray | None = None      # f32[T]  logprob of the next prompt token
     prompt_top_token_ids: jnp.ndarray | None = None  # i32[T, K]
     prompt_top_logprobs: jnp.ndarray | None = None   # f32[T, K]
+    draft_token_ids: jnp.ndarray | None = None       # i32[S]  draft model: the draft per row
 
 
 def _forward(params, kv_cache, batch, prev_sampled, *, forward):
@@ -70,19 +71,25 @@ def _forward_prompt_logprobs(params, kv_cache, batch, prev_sampled, prompt_targe
     return kv_cache, logits[last_rows], prompt
 
 
-def _sample(logits, sampling_md, base_key, step_index, prev_sampled, *, use_penalties: bool,
-            logprobs: bool, use_bitmask: bool = False):
-    """The sampling part: (StepOutput, sampled i32[S_max]) from logits f32[S, V]."""
+def _sample(logits, sampling_md, base_key, step_index, prev_sampled, draft_probs=None, *,
+            use_penalties: bool, logprobs: bool, use_bitmask: bool = False,
+            verify_drafts: bool = False):
+    """The sampling part: (StepOutput, sampled i32[S_max]) from logits f32[S, V].
+    verify_drafts (a draft-model engine's plain steps): prev_sampled holds the draft each row
+    verifies (runner/draft.py) and draft_probs f32[Q, V] their draft distributions."""
     key = jax.random.fold_in(base_key, step_index)
+    drafts = (prev_sampled, draft_probs) if verify_drafts else None
     out = sampling.sample(logits, sampling_md, key, num_top_logprobs=MAX_TOP_LOGPROBS,
                           use_penalties=use_penalties, logprobs=logprobs,
-                          use_bitmask=use_bitmask)
-    sampled = jnp.zeros_like(prev_sampled).at[:out.token_ids.shape[0]].set(out.token_ids)
+                          use_bitmask=use_bitmask, drafts=drafts)
+    S = out.token_ids.shape[0]
+    sampled = jnp.zeros_like(prev_sampled).at[:S].set(out.token_ids)
     return StepOutput(token_ids=out.token_ids, logprobs=out.logprobs,
-                      top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs), sampled
+                      top_token_ids=out.top_token_ids, top_logprobs=out.top_logprobs,
+                      draft_token_ids=prev_sampled[:S] if verify_drafts else None), sampled
 
 
-SAMPLE_STATICS = ("use_penalties", "logprobs", "use_bitmask")
+SAMPLE_STATICS = ("use_penalties", "logprobs", "use_bitmask", "verify_drafts")
 
 
 class StepFunctions(NamedTuple):
@@ -95,8 +102,9 @@ class StepFunctions(NamedTuple):
     # (params, kv_cache, batch, prev_sampled, prompt_targets)
     #   -> (kv_cache, logits f32[S, V], prompt outputs dict); batch.logits_indices = all T rows
     forward_prompt_logprobs: Callable
-    sample: Callable   # (logits, md, base_key, step_index, prev_sampled, *, use_penalties,
-    #                     logprobs, use_bitmask) -> (StepOutput, sampled i32[S_max])
+    sample: Callable   # (logits, md, base_key, step_index, prev_sampled, [draft_probs], *,
+    #                     use_penalties, logprobs, use_bitmask, verify_drafts)
+    #                     -> (StepOutput, sampled i32[S_max])
 
     def __call__(self, params, kv_cache, batch, sampling_md, base_key, step_index,
                  prompt_targets, prev_sampled, *, all_logits: bool = False, **statics):
