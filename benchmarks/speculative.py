@@ -1,9 +1,13 @@
-"""Speculative decoding (n-gram) against plain decoding, side by side in one run, on one model:
-a copy-heavy workload (chat requests asking to repeat or lightly edit a passage that is in the
-prompt) and random token prompts (where nothing matches and speculation should cost little).
+"""Speculative decoding (n-gram, or a draft model) against plain decoding, side by side in one
+run, on one model: a copy-heavy workload (chat requests asking to repeat or lightly edit a
+passage that is in the prompt) and random token prompts (where nothing matches and speculation
+should cost little).
 
-    python benchmarks/speculative.py                      # SmolLM2 on CPU
+    python benchmarks/speculative.py                      # SmolLM2 on CPU, n-gram
     python benchmarks/speculative.py --num-requests 8 --max-num-seqs 1 --json out.json
+    python checkpoints/make_layer_draft.py checkpoints/models/SmolLM2-135M-Instruct /tmp/d8 \
+        --layers 8 && python benchmarks/speculative.py --max-num-seqs 1 --num-requests 4 \
+        --speculative-config '{"method": "draft_model", "model": "/tmp/d8"}'
 
 Greedy, fixed output lengths (ignore_eos), both engines built with the same limits. Reports
 output tokens/s, steps, the acceptance rate (accepted / proposed drafts) and the mean tokens a

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jaxserve.config import ConfigError, SpeculativeConfig
+from jaxserve.config import ConfigError, EngineConfig, SpeculativeConfig
 from jaxserve.engine.sampling_params import SamplingParams
 
 ARGS = dict(num_pages=128, page_size=8, max_num_seqs=4, max_num_batched_tokens=32)
@@ -272,3 +272,23 @@ def test_a_draft_with_another_vocabulary_is_refused(target_path, tmp_path):
         LLM(target_path, speculative_config={"method": "draft_model",
                                              "model": str(tmp_path / "missing")},
             warmup=False, **ARGS)
+
+
+def test_a_layer_cut_draft_loads_with_the_target_vocabulary(target_path, tmp_path):
+    """checkpoints/make_layer_draft.py: the first layer of the tiny target, same embeddings and
+    tokenizer; accepted as a draft, and its layer equals the target's first."""
+    from checkpoints.make_layer_draft import make_layer_draft
+    from jaxserve.llm import _load_draft_model
+    from jaxserve.loading import load_model
+
+    out = make_layer_draft(target_path, str(tmp_path / "cut"), 1)
+    target = load_model(target_path)
+    config = EngineConfig(model=target_path,
+                          speculative={"method": "draft_model", "model": out})
+    draft = _load_draft_model(config, target, log=lambda msg: None)
+    assert draft.config.num_layers == 1 and target.config.num_layers == 2
+    for name, w in draft.params["layers"].items():
+        np.testing.assert_array_equal(w[0], target.params["layers"][name][0])
+    np.testing.assert_array_equal(draft.params["embed"], target.params["embed"])
+    with pytest.raises(ValueError, match="--layers"):
+        make_layer_draft(target_path, str(tmp_path / "bad"), 3)

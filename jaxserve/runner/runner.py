@@ -130,8 +130,11 @@ class ModelRunner:
         if draft is not None:  # its weights and its share of every page count too
             if self.sharding_plan.multi_process:
                 raise ConfigError("--speculative-config: a draft model runs on one host only")
-            weight_bytes += self.sharding_plan.per_device_bytes(draft.params)
-            draft_page_bytes = page_bytes(draft.config, self.page_size, dtype)
+            draft_plan = ShardingPlan.build(draft.config, config.tensor_parallel_size,
+                                            config.sharding_config)
+            weight_bytes += draft_plan.per_device_bytes(draft.params)
+            draft_page_bytes = (page_bytes(draft.config, self.page_size, dtype)
+                                // draft_plan.kv_cache_shards)
         self.plan = plan_memory(self.cfg, config.cache, weight_bytes, dtype,
                                 sched.max_num_batched_tokens, sched.max_num_seqs,
                                 kv_shards=self.sharding_plan.kv_cache_shards,
