@@ -228,7 +228,8 @@ class LLMEngine:
             drafts, model_drafts, catch_up = s.draft_token_ids, 0, ()
             if self.has_draft_model:
                 if drafts:  # DRAFT_PENDING: the draft model proposes them in this step
-                    assert all(t == DRAFT_PENDING for t in drafts)
+                    if any(t != DRAFT_PENDING for t in drafts):
+                        raise RuntimeError("a draft-model engine scheduled host-made drafts")
                     token_ids, drafts, model_drafts = token_ids[:-len(drafts)], [], len(drafts)
                 lag = min(req.draft_lag, s.start_pos)
                 catch_up = tuple(req.all_token_ids[s.start_pos - lag:s.start_pos])

@@ -136,7 +136,7 @@ class DraftModel:
                            q.start_pos - len(q.draft_catch_up), q.page_ids)
                 for q in plan.sequences]
         t, s = self.buckets.pick(sum(len(m.token_ids) for m in seqs), len(seqs))
-        return seqs, pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
+        return pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
 
     def _propose_args(self, plan: StepPlan, batch, target_rows: np.ndarray, base_key,
                       step_index: int):
@@ -155,7 +155,7 @@ class DraftModel:
     def run(self, plan: StepPlan, target_rows: np.ndarray, base_key, step_index: int):
         """The mirror pass over the plan's tokens, then (if any sequence wants drafts) the
         proposals: (row_drafts i32[R], q f32[Q, V]) on the device, or the no-draft stand-ins."""
-        _, batch = self._mirror_batch(plan)
+        batch = self._mirror_batch(plan)
         batch = self.sharding_plan.put_batch(batch)
         self.kv_cache, logits = self._call(self._forward, (self.params, self.kv_cache, batch))
         if not plan.num_model_drafts:
