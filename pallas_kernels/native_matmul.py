@@ -56,9 +56,11 @@ def packed_matmul(
     x,           # f32[M, K]
     panels,      # f32[L, ceil(N / 64), K, 64]  pack() of a [L, K, N] stack
     layer,       # i32[]  which matrix of the stack
+    num_rows=None,  # i32[] rows of x that are real (default all M): the rest are bucket
+                    # padding, left uncomputed (their output rows are zero)
     *,
     n_out: int,  # N
-):  # -> f32[M, N] = x @ unpack(panels, N)[layer]
+):  # -> f32[M, N] = x @ unpack(panels, N)[layer] on rows < num_rows, 0 below them
     if x.dtype != jnp.float32 or panels.dtype != jnp.float32:
         raise ValueError(f"the native matmul takes float32, got {x.dtype} x {panels.dtype}")
     L, NP, K, lanes = panels.shape
@@ -69,4 +71,6 @@ def packed_matmul(
     if reason is not None:
         raise native_build.NativeBuildError(f"native matmul kernel unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32))
-    return call(x, panels, jnp.asarray(layer, jnp.int32), n_out=np.int64(n_out))
+    rows = x.shape[0] if num_rows is None else num_rows
+    return call(x, panels, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32),
+                n_out=np.int64(n_out))

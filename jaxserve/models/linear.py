@@ -42,8 +42,11 @@ class LayerWeights:
     """One layer's weights inside the layer scan: `w[name]` for the sliced vectors (norms,
     biases) and `w.matmul(x, name)` = x @ W_name[layer] by whichever path its stack takes."""
 
-    def __init__(self, sliced: dict, packed: dict, layer):
+    def __init__(self, sliced: dict, packed: dict, layer, num_rows=None):
+        # num_rows (i32[]): the step's real token rows; the native kernel skips the padding
+        # below them (XLA's dot computes every row)
         self._sliced, self._packed, self._layer = sliced, packed, layer
+        self._num_rows = num_rows
 
     def __getitem__(self, name):
         return self._sliced[name]
@@ -53,7 +56,7 @@ class LayerWeights:
         if stack is None:
             return x @ self._sliced[name]
         from pallas_kernels.native_matmul import packed_matmul
-        return packed_matmul(x, stack.panels, self._layer, n_out=stack.n_out)
+        return packed_matmul(x, stack.panels, self._layer, self._num_rows, n_out=stack.n_out)
 
 
 def split_layers(layers: dict) -> tuple[dict, dict]:

@@ -109,11 +109,14 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
 
     # packed matrix stacks (see linear.py) are read in place, not sliced per layer
     sliced, packed = split_layers(params["layers"])
+    # token rows past the real ones are bucket padding (ForwardBatch: at or beyond
+    # cu_q_lens[num_seqs]); the native matmul leaves them uncomputed
+    num_rows = batch.cu_q_lens[batch.num_seqs[0]]  # i32[]
 
     def layer_step(carry, xs):
         h, k_cache, v_cache = carry
         layer_slice, layer = xs
-        lp = LayerWeights(layer_slice, packed, layer)
+        lp = LayerWeights(layer_slice, packed, layer, num_rows)
         h, k_cache, v_cache = _attention_block(cfg, attention_fn, lp, h, cos, sin,
                                                k_cache, v_cache, layer, batch)
         h = _mlp_block(cfg, lp, h)

@@ -12,6 +12,9 @@
 //   w      [L, NP, K, 64]   f32; column n of the layer's [K, N] matrix is panel n / 64, lane n % 64
 //                           (columns past N in the last panel are zero padding)
 //   layer  i32[]
+//   rows   i32[]            rows of x that are real (the rest is bucket padding): only those
+//                           are computed, the rest of out is zero, so a step padded from 131
+//                           to 192 token rows pays for 131 in its matmuls
 //   -> out [M, N]           f32; attr n_out = N (NP = ceil(N / 64))
 //
 // Work: the NP panels are shared among the caller and XLA's intra-op threads; in a panel, rows go
@@ -93,13 +96,16 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panel, float*
 
 ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
-                            ffi::ResultBuffer<ffi::F32> out, int64_t n_out) {
+                            ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out,
+                            int64_t n_out) {
   auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 4 || od.size() != 2)
     return ffi::Error::InvalidArgument("packed_matmul: x must be rank 2, w rank 4, out rank 2");
-  const int64_t M = xd[0], K = xd[1], L = wd[0], NP = wd[1], N = n_out;
+  const int64_t K = xd[1], L = wd[0], NP = wd[1], N = n_out;
   const int64_t l = layer.typed_data()[0];
-  if (wd[2] != K || wd[3] != kPanel || NP != (N + kPanel - 1) / kPanel || od[0] != M ||
+  // out rows at and past M are padding: zeroed, never computed
+  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
+  if (wd[2] != K || wd[3] != kPanel || NP != (N + kPanel - 1) / kPanel || od[0] != xd[0] ||
       od[1] != N)
     return ffi::Error::InvalidArgument("packed_matmul: shapes disagree");
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("packed_matmul: layer out of range");
@@ -107,6 +113,7 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   float* o = out->typed_data();
   const int64_t workers = std::max<int64_t>(pool.num_threads(), 1) - 1;
+  std::memset(o + M * N, 0, sizeof(float) * (xd[0] - M) * N);
   if (M == 0 || N == 0) return ffi::Error::Success();
   parallel_for(pool, workers, NP, [=](int64_t p) {
     const int64_t n0 = p * kPanel;
@@ -122,6 +129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedMatmul, PackedMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n_out"));

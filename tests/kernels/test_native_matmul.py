@@ -43,6 +43,22 @@ def test_matches_numpy_for_every_layer(rows, k, n):
         np.testing.assert_allclose(out, x.astype(np.float64) @ w[layer], rtol=1e-5, atol=1e-5)
 
 
+def test_only_the_real_rows_are_computed_and_the_padding_is_zero():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 40, 70)).astype(np.float32)
+    x = rng.standard_normal((13, 40)).astype(np.float32)
+    panels = jnp.asarray(native_matmul.pack(w))
+    fn = jax.jit(lambda x, p, layer, rows: native_matmul.packed_matmul(x, p, layer, rows,
+                                                                       n_out=70))
+    for num_rows in (0, 1, 7, 12, 13):
+        out = np.asarray(fn(x, panels, 1, jnp.int32(num_rows)))
+        np.testing.assert_allclose(out[:num_rows], x[:num_rows].astype(np.float64) @ w[1],
+                                   rtol=1e-5, atol=1e-5)
+        assert not out[num_rows:].any()
+    # the row count is a runtime operand: one compiled program served every count
+    assert fn._cache_size() == 1
+
+
 def test_in_a_layer_scan_it_reads_each_layers_matrix():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 32, 32)).astype(np.float32) / 6
