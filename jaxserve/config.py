@@ -154,6 +154,12 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+# --quantization: int8 / fp8 quantize a float checkpoint's layer matrices at load (weight-only,
+# per output channel, models/quant.py); gguf keeps a GGUF file's block-quantized matrices
+# packed (also the default for a GGUF file); none loads every weight as float
+QUANTIZATION_METHODS = ("int8", "fp8", "gguf", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -163,6 +169,9 @@ class EngineConfig:
     # the layers' matmuls: "native" (CPU kernel on panel-packed float32 weights, see
     # jaxserve/models/linear.py) or "xla"; None: native where it applies, else xla
     linear_backend: str | None = None
+    # weight quantization (--quantization): None keeps the checkpoint's own (a GGUF file's
+    # Q8_0/Q4_0/Q4_1 stay packed, float stays float); see QUANTIZATION_METHODS
+    quantization: str | None = None
     tensor_parallel_size: int = 1
     sharding_config: str | None = None
     cache: CacheConfig = CacheConfig()
@@ -178,6 +187,9 @@ class EngineConfig:
         object.__setattr__(self, "speculative", SpeculativeConfig.parse(self.speculative))
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, *QUANTIZATION_METHODS):
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}"
+                              f", got {self.quantization!r}")
         if self.linear_backend not in (None, "auto", "native", "xla"):
             raise ConfigError(f"--linear-backend must be auto, native or xla, got "
                               f"{self.linear_backend!r}")

@@ -56,9 +56,13 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
         def shardings(cfg):
             plan = ShardingPlan.build(cfg, config.tensor_parallel_size, config.sharding_config)
             return plan.param_shardings()
+        if config.quantization not in (None, "none"):
+            from jaxserve.config import ConfigError
+            raise ConfigError(f"--quantization {config.quantization}: orbax checkpoints load "
+                              f"as saved (float); quantize from an HF folder or a GGUF file")
         loaded = load_orbax_model(config.model, dtype, shardings=shardings)
     else:
-        loaded = load_model(config.model, dtype=dtype)
+        loaded = load_model(config.model, dtype=dtype, quantization=config.quantization)
     cfg = loaded.config
     import jax
     config = config.resolved(jax.devices()[0].platform, cfg.max_position_embeddings)
@@ -119,6 +123,7 @@ class LLM:
                  num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, linear_backend: str | None = None,
+                 quantization: str | None = None,
                  tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
                  compilation_cache_dir: str | None | object = "default", warmup: bool = True,
@@ -127,7 +132,9 @@ class LLM:
         $XDG_CACHE_HOME/jaxserve/xla; None: off). Limits left None take the platform's
         defaults (jaxserve.config: CPU 16 sequences / 256 tokens a step, GPU 256 / 8192).
         speculative_config: as vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 3,
-        "prompt_lookup_max": 4} (engine/speculative.py)."""
+        "prompt_lookup_max": 4} (engine/speculative.py). quantization: "int8" or "fp8"
+        (weight-only, made at load), "gguf" or None (a GGUF file's own blocks kept packed),
+        "none" (dequantize everything at load), as --quantization."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()
@@ -135,7 +142,8 @@ class LLM:
                      else {"compilation_cache_dir": compilation_cache_dir})
         self.config = EngineConfig(
             model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
-            linear_backend=linear_backend, **cache_dir, speculative=speculative_config,
+            linear_backend=linear_backend, quantization=quantization, **cache_dir,
+            speculative=speculative_config,
             tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,

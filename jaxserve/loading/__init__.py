@@ -30,33 +30,43 @@ def _progress(total: int, desc: str):
                 disable=total < 64, leave=False)
 
 
-def load_model(path: str, dtype: str | None = None) -> LoadedModel:
-    """Load an HF folder or a GGUF file; `dtype` overrides the checkpoint's (float32/bfloat16)."""
+def load_model(path: str, dtype: str | None = None,
+               quantization: str | None = None) -> LoadedModel:
+    """Load an HF folder or a GGUF file; `dtype` overrides the checkpoint's (float32/bfloat16).
+    `quantization` as EngineConfig's: int8/fp8 quantize the layer matrices here, gguf (or None
+    for a .gguf) keeps the file's blocks packed, none dequantizes everything."""
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or folder")
+    is_gguf = path.endswith(".gguf") and os.path.isfile(path)
+    if quantization == "gguf" and not is_gguf:
+        raise ModelLoadError(f"--quantization gguf: {path} is not a .gguf file")
+    quantize = quantization if quantization in ("int8", "fp8") else None
     try:
-        if path.endswith(".gguf") and os.path.isfile(path):
-            return _load_gguf(path, dtype)
+        if is_gguf:
+            return _load_gguf(path, dtype, keep_packed=quantization in (None, "gguf"),
+                              quantize=quantize)
         if os.path.isdir(path):
-            return _load_hf_folder(path, dtype)
+            return _load_hf_folder(path, dtype, quantize)
     except (ModelConfigError, WeightError) as e:
         raise ModelLoadError(str(e)) from None
     raise ModelLoadError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
-def _load_hf_folder(folder: str, dtype: str | None) -> LoadedModel:
+def _load_hf_folder(folder: str, dtype: str | None, quantize: str | None) -> LoadedModel:
     from jaxserve.loading.hf import SafetensorsFolder, load_tokenizer
 
     config = ModelConfig.from_folder(folder, dtype=dtype)
     tensors = SafetensorsFolder(folder)
     with _progress(len(required_hf_tensors(config)), f"loading {os.path.basename(folder)}") as bar:
-        params = params_from_hf(config, tensors.get, folder, on_tensor=lambda _: bar.update())
+        params = params_from_hf(config, tensors.get, folder, on_tensor=lambda _: bar.update(),
+                                quantize=quantize)
     return LoadedModel(config=config, params=params, tokenizer=load_tokenizer(folder), source=folder)
 
 
-def _load_gguf(path: str, dtype: str | None) -> LoadedModel:
+def _load_gguf(path: str, dtype: str | None, keep_packed: bool,
+               quantize: str | None) -> LoadedModel:
     from jaxserve.loading.gguf import load_gguf
 
-    g = load_gguf(path, dtype=dtype)
-    params = params_from_hf(g.config, g.tensors.get, path)
+    g = load_gguf(path, dtype=dtype, keep_packed=keep_packed)
+    params = params_from_hf(g.config, g.tensors.get, path, quantize=quantize)
     return LoadedModel(config=g.config, params=params, tokenizer=g.tokenizer, source=path)

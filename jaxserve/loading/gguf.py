@@ -26,6 +26,8 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from jaxserve.loading import ModelLoadError
+from jaxserve.loading.gguf_quant import PACKED_TYPES, permute_rows, unpack_block_tensor
+from jaxserve.models.quant import HFQuantized
 from jaxserve.models.config import ModelConfig
 
 
@@ -37,7 +39,7 @@ class GGUFError(ModelLoadError):
 class GGUFModel:
     config: ModelConfig
     hf_config: dict               # config.json-style dict built from the GGUF metadata
-    tensors: dict                 # HF tensor name -> float32 np.ndarray, HF [out, in] layout
+    tensors: dict                 # HF name -> f32 np.ndarray (or HFQuantized), HF [out, in]
     tokenizer: object             # transformers PreTrainedTokenizerFast, or None if not asked for
     metadata: dict                # raw GGUF key/values, minus the big tokenizer arrays
 
@@ -328,11 +330,13 @@ def _fit_llama3_rope(path: str, hf: dict, freqs: np.ndarray) -> dict:
             "high_freq_factor": hi, "original_max_position_embeddings": old}
 
 
-def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True) -> GGUFModel:
+def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True,
+              keep_packed: bool = False) -> GGUFModel:
     """Read `path`, dequantize every tensor to float32 and return HF-named tensors + config.
 
     `dtype` sets ModelConfig.dtype (the compute dtype; default float32). `tokenizer=False`
-    skips building the tokenizer (weights-only files, tests).
+    skips building the tokenizer (weights-only files, tests). `keep_packed`: 2-D Q8_0, Q4_0
+    and Q4_1 tensors stay codes and scales (models.quant.HFQuantized, see gguf_quant.py).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -362,7 +366,11 @@ def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True) ->
     with tqdm(total=len(infos), desc=f"dequantizing {os.path.basename(path)}", unit="tensor",
               file=sys.stderr, disable=len(infos) < 64, leave=False) as bar:
         for t in infos:
-            w = _dequantize(buf, t)
+            kind = SUPPORTED_TYPES[t.type_id]
+            if keep_packed and kind in PACKED_TYPES and len(t.dims) == 2:
+                w = unpack_block_tensor(buf[t.offset:t.offset + t.nbytes], kind, t.dims)
+            else:
+                w = _dequantize(buf, t)
             bar.update()
             if t.name == "rope_freqs.weight":
                 hf["rope_scaling"] = _fit_llama3_rope(path, hf, w)
@@ -372,7 +380,8 @@ def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True) ->
                 if w.shape[0] != n * hf["head_dim"]:
                     raise GGUFError(f"{path}: tensor {t.name!r} has {w.shape[0]} rows, expected "
                                     f"{n} heads x head_dim {hf['head_dim']}")
-                w = _unpermute_rows(w, n)
+                w = (permute_rows(w, lambda a: _unpermute_rows(a, n))
+                     if isinstance(w, HFQuantized) else _unpermute_rows(w, n))
             tensors[names[t.name]] = w
     config = ModelConfig.from_hf_dict(hf, source=path, dtype=dtype)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from jaxserve.models.config import ModelConfig
+from jaxserve.models import quant
+from jaxserve.models.linear import LAYER_MATRICES
 from jaxserve.models.llama import param_shapes
+from jaxserve.models.quant import HFQuantized
 
 # our per-layer leaf -> (HF name inside "model.layers.{i}.", transpose from HF [out, in])
 _LAYER_NAMES = {
@@ -50,11 +53,15 @@ def required_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None) -> dict:
+def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
+                   quantize: str | None = None) -> dict:
     """Build the numpy param pytree, reading tensors by HF name through `get_tensor(name)`.
 
-    `get_tensor` returns a numpy array or None when absent; `on_tensor` is called per tensor
-    read (progress bars). Missing tensors and wrong shapes raise WeightError naming both.
+    `get_tensor` returns a numpy array, a quant.HFQuantized (a checkpoint kept packed), or
+    None when absent; `on_tensor` is called per tensor read (progress bars). Missing tensors
+    and wrong shapes raise WeightError naming both. The layer matrices of a packed checkpoint
+    become QuantizedStacks; so do float ones with `quantize` ("int8"/"fp8", made here; a
+    packed one is first dequantized). Embeddings and lm_head are always loaded as float.
     """
     np_dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[cfg.dtype]
     if np_dtype == "bfloat16":
@@ -71,14 +78,34 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None) ->
                               f"expected {expected[name]}")
         if on_tensor is not None:
             on_tensor(name)
+        if isinstance(arr, HFQuantized):
+            if quantized and quantize is None:
+                return arr  # a layer matrix kept packed, [N, K]
+            arr = arr.dequantize()
+        if quantized and quantize is not None:
+            return quant.quantize(arr, quantize)
         arr = arr.T if transpose else arr
         return np.ascontiguousarray(arr.astype(np_dtype))
 
     shapes = param_shapes(cfg)
+    quantized = False
     params = {key: read(*_TOP_NAMES[key]) for key in ("embed", "final_norm", "lm_head") if key in shapes}
     params["layers"] = {}
     for key in shapes["layers"]:
         name, transpose = _LAYER_NAMES[key]
-        params["layers"][key] = np.stack(
-            [read(f"model.layers.{i}.{name}", transpose) for i in range(cfg.num_layers)])
+        quantized = key in LAYER_MATRICES
+        per_layer = [read(f"model.layers.{i}.{name}", transpose) for i in range(cfg.num_layers)]
+        kinds = {isinstance(a, HFQuantized) for a in per_layer}
+        if kinds == {True}:
+            try:
+                params["layers"][key] = quant.stack_quantized(per_layer)
+                continue
+            except ValueError:  # layers of one matrix in different formats: load it as float
+                pass
+        if kinds == {False}:
+            params["layers"][key] = np.stack(per_layer)
+        else:  # some layers packed, some float: one stack needs one layout
+            params["layers"][key] = np.stack([
+                (a.dequantize().T.astype(np_dtype) if isinstance(a, HFQuantized) else a)
+                for a in per_layer])
     return params

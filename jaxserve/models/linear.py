@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxserve.models.quant import QuantizedStack
+
 # the layer matrices, [L, K, N] each (see llama.py's parameter pytree)
 LAYER_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,6 +34,8 @@ def pack_layer_matrices(params: dict) -> dict:
     layers = dict(params["layers"])
     for name in LAYER_MATRICES:
         w = layers[name]  # [L, K, N]
+        if isinstance(w, QuantizedStack):
+            continue  # dequantized in XLA's dot (models/quant.py)
         if w.dtype != jnp.float32:
             raise ValueError(f"the native matmul takes float32 weights, {name} is {w.dtype}")
         layers[name] = PackedStack(panels=jax.jit(pack)(w), n_out=w.shape[-1])
@@ -55,11 +59,13 @@ class LayerWeights:
         stack = self._packed.get(name)
         if stack is None:
             return x @ self._sliced[name]
+        if isinstance(stack, QuantizedStack):
+            return stack.matmul(x, self._layer)
         from pallas_kernels.native_matmul import packed_matmul
         return packed_matmul(x, stack.panels, self._layer, self._num_rows, n_out=stack.n_out)
 
 
 def split_layers(layers: dict) -> tuple[dict, dict]:
-    """(stacks the scan slices per layer, packed stacks it reads in place)."""
-    packed = {n: w for n, w in layers.items() if isinstance(w, PackedStack)}
+    """(stacks the scan slices per layer, packed or quantized stacks it reads in place)."""
+    packed = {n: w for n, w in layers.items() if isinstance(w, (PackedStack, QuantizedStack))}
     return {n: w for n, w in layers.items() if n not in packed}, packed

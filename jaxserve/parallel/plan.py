@@ -61,8 +61,10 @@ class ShardingPlan:
         """Ways the KV cache is split (1 when KV heads are replicated)."""
         return rules_lib.kv_cache_shards(self.model, self.mesh, self.rules)
 
-    def param_shardings(self) -> dict:
-        return rules_lib.param_shardings(self.model, self.mesh, self.rules)
+    def param_shardings(self, params: dict | None = None) -> dict:
+        """See rules.param_shardings; `params` (host or placed) says which layer matrices are
+        quantized."""
+        return rules_lib.param_shardings(self.model, self.mesh, self.rules, params)
 
     def kv_cache_sharding(self) -> KVCache:
         return rules_lib.kv_cache_sharding(self.model, self.mesh, self.rules)
@@ -77,7 +79,7 @@ class ShardingPlan:
 
     # -- placement --------------------------------------------------------------------------
     def place_params(self, host_params):
-        return placement.place_params(host_params, self.param_shardings())
+        return placement.place_params(host_params, self.param_shardings(host_params))
 
     def zeros_kv_cache(self, num_pages: int, page_size: int, dtype) -> KVCache:
         m = self.model
@@ -106,7 +108,7 @@ class ShardingPlan:
     def per_device_bytes(self, host_params) -> int:
         """Bytes of params one device holds under this plan."""
         total = 0
-        shardings = self.param_shardings()
+        shardings = self.param_shardings(host_params)
         for x, s in zip(jax.tree.leaves(host_params), jax.tree.leaves(shardings)):
             shard = s.shard_shape(x.shape)
             total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize

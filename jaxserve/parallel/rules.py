@@ -160,8 +160,12 @@ def logical_to_spec(axes, shape, mesh, rules: AxisRules, what: str = "array") ->
     return P(*spec)
 
 
-def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES) -> dict:
-    """NamedSharding for every param leaf (same pytree structure as the params)."""
+def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES,
+                    params: dict | None = None) -> dict:
+    """NamedSharding for every param leaf (same pytree structure as the params). A layer
+    matrix that `params` holds quantized (models.quant.QuantizedStack) gets a QuantizedStack
+    of shardings: its codes, scales and offsets split like the float matrix would be."""
+    from jaxserve.models import quant
     from jaxserve.models.llama import param_shapes
 
     rules = resolve_rules(cfg, mesh, rules)
@@ -171,9 +175,16 @@ def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES) ->
     def one(name, a, s):
         return NamedSharding(mesh, logical_to_spec(a, s, mesh, rules, name))
 
+    def layer(k, s):
+        stack = (params or {}).get("layers", {}).get(k)
+        if not isinstance(stack, quant.QuantizedStack):
+            return one(f"layers/{k}", axes["layers"][k], s)
+        return stack.replace(**{
+            f: one(f"layers/{k}.{f}", quant.field_logical_axes(f, axes["layers"][k]), a.shape)
+            for f, a in quant.array_fields(stack).items()})
+
     out = {k: one(k, axes[k], shapes[k]) for k in shapes if k != "layers"}
-    out["layers"] = {k: one(f"layers/{k}", axes["layers"][k], s)
-                     for k, s in shapes["layers"].items()}
+    out["layers"] = {k: layer(k, s) for k, s in shapes["layers"].items()}
     return out
 
 

@@ -23,9 +23,17 @@ def _why_not_native(platform: str, dtype, num_devices: int) -> str | None:
 
 
 def resolve_linear_backend(requested: str | None, platform: str, dtype,
-                           num_devices: int) -> tuple[str, str | None]:
+                           num_devices: int, quantized: str | None = None
+                           ) -> tuple[str, str | None]:
     """(backend, a line for the start-up log or None). An explicit "native" that cannot apply
-    is a ConfigError; the default falls back to "xla" and says why when the platform is CPU."""
+    is a ConfigError; the default falls back to "xla" and says why when the platform is CPU.
+    `quantized`: the layer matrices' quantization (models.quant.quantized_scheme), which only
+    XLA's dots read (dequantizing one layer at a time)."""
+    if quantized is not None:
+        if requested == "native":
+            raise ConfigError(f"--linear-backend native: it takes float32 weights, the layer "
+                              f"matrices are quantized ({quantized})")
+        return "xla", f"linear layers: {quantized} weights, dequantized inside XLA's dots"
     if requested == "xla":
         return "xla", None
     why_not = _why_not_native(platform, dtype, num_devices)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from jaxserve.config import ConfigError, EngineConfig
 from jaxserve.engine.step_plan import StepPlan, StepSequence, in_flight_ref
 from jaxserve.models.linear import pack_layer_matrices
+from jaxserve.models.quant import quantized_scheme
 from jaxserve.runner import programs, sampling
 from jaxserve.runner.batch import Buckets, pack_batch
 from jaxserve.runner.compile_guard import cache_counts, compile_count
@@ -117,10 +118,10 @@ class ModelRunner:
         log(self.sharding_plan.describe())
         # each device receives only its own slices of the weights, never the whole model
         self.params = self.sharding_plan.place_params(loaded.params)
-        dtype = jax.tree.leaves(self.params)[0].dtype
+        dtype = self.params["embed"].dtype
         self.linear_backend, note = resolve_linear_backend(
             config.linear_backend, jax.devices()[0].platform, dtype,
-            self.sharding_plan.num_devices)
+            self.sharding_plan.num_devices, quantized_scheme(self.params))
         if note:
             log(note)
         if self.linear_backend == "native":

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import uvicorn
 
+from jaxserve.config import QUANTIZATION_METHODS
 from jaxserve.server.config import (DTYPES, LOG_LEVELS, TOOL_CALL_PARSERS, ConfigError,
                                     ServerConfig, parse_size)
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "in `model`; the first is reported in responses. Default: the model's name.")
     m.add_argument("--dtype", default=d.dtype, help=f"Weights/activations dtype: "
                    f"{', '.join(DTYPES)} (aliases half, float, bf16, fp16, fp32).")
+    m.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS, default=None,
+                   help="Weight quantization: int8 / fp8 (weight-only, per output channel, "
+                   "made at load from float weights), gguf (a GGUF file's Q8_0/Q4_0/Q4_1 "
+                   "blocks kept packed: the default for .gguf), none (dequantize at load). "
+                   "Default: the checkpoint's own.")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + output). Default: the model's limit.")
     m.add_argument("--seed", type=int, default=d.seed, help="Seed of the sampling RNG.")

@@ -57,6 +57,7 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"
     linear_backend: str = "auto"
+    quantization: str | None = None  # checked by EngineConfig (QUANTIZATION_METHODS)
     shutdown_timeout: float = 30.0
     max_request_body_bytes: int = 16 * 1024 * 1024
     sharding_config: str | None = None

@@ -107,3 +107,16 @@ def test_pallas_kernel_under_shard_map(tiny_model_dir):
                      "--attention=pallas_splitk_decode", "tp2", "tp4")
     for name in ("tp2", "tp4"):
         assert out[name]["tokens"] == out["plain"], name
+
+
+def test_quantized_models_give_the_same_tokens_on_2_and_4_devices(tiny_model_dir):
+    # llama-h8-kv4: FFN 128 = 4 groups of 32 along down_proj's K, so tp4 shards whole groups
+    r = run_script("quantized_tokens.py", tiny_model(tiny_model_dir, "llama-h8-kv4"), "tp2", "tp4")
+    for scheme in ("int8", "Q4_1"):
+        for name, n in (("tp2", 2), ("tp4", 4)):
+            got = r[scheme][name]
+            assert got["tokens"] == r[scheme]["plain"], (scheme, name)
+            # down_proj [L, F, H] is row parallel: its codes (4-bit: F/2 packed rows) split n ways
+            assert got["down_codes_shard"][1] * n == got["down_codes_shape"][1]
+            if scheme == "Q4_1":  # and its group scales with them
+                assert got["down_scale_shard"][1] * n == 128 // 32
