@@ -155,9 +155,10 @@ class SpeculativeConfig:
 
 
 # --quantization: int8 / fp8 quantize a float checkpoint's layer matrices at load (weight-only,
-# per output channel, models/quant.py); gguf keeps a GGUF file's block-quantized matrices
-# packed (also the default for a GGUF file); none loads every weight as float
-QUANTIZATION_METHODS = ("int8", "fp8", "gguf", "none")
+# per output channel, models/quant.py); gguf, gptq, awq name the checkpoint's own packed format
+# (the default: a .gguf file's blocks and an HF folder's quantization_config are kept packed);
+# none loads every weight as float
+QUANTIZATION_METHODS = ("int8", "fp8", "gguf", "gptq", "awq", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,27 +40,53 @@ def load_model(path: str, dtype: str | None = None,
     is_gguf = path.endswith(".gguf") and os.path.isfile(path)
     if quantization == "gguf" and not is_gguf:
         raise ModelLoadError(f"--quantization gguf: {path} is not a .gguf file")
-    quantize = quantization if quantization in ("int8", "fp8") else None
+    if quantization in ("gptq", "awq") and is_gguf:
+        raise ModelLoadError(f"--quantization {quantization}: {path} is a GGUF file")
+    quantize = quantization if quantization in ("int8", "fp8", "none") else None
     try:
         if is_gguf:
             return _load_gguf(path, dtype, keep_packed=quantization in (None, "gguf"),
                               quantize=quantize)
         if os.path.isdir(path):
-            return _load_hf_folder(path, dtype, quantize)
+            return _load_hf_folder(path, dtype, quantize,
+                                   quantization if quantization in ("gptq", "awq") else None)
     except (ModelConfigError, WeightError) as e:
         raise ModelLoadError(str(e)) from None
     raise ModelLoadError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
-def _load_hf_folder(folder: str, dtype: str | None, quantize: str | None) -> LoadedModel:
+def _load_hf_folder(folder: str, dtype: str | None, quantize: str | None,
+                    expected_method: str | None) -> LoadedModel:
     from jaxserve.loading.hf import SafetensorsFolder, load_tokenizer
+    from jaxserve.loading.hf_quant import QuantConfigError, parse_quant_config, quantized_getter
 
     config = ModelConfig.from_folder(folder, dtype=dtype)
     tensors = SafetensorsFolder(folder)
+    get = tensors.get
+    qc = _quantization_config(folder)
+    try:
+        settings = None if qc is None else parse_quant_config(qc, f"{folder}/config.json")
+    except QuantConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    found = None if settings is None else settings["method"]
+    if expected_method is not None and found != expected_method:
+        raise ModelLoadError(f"--quantization {expected_method}: {folder} is "
+                             f"{'not quantized' if found is None else found}")
+    if settings is not None:
+        get = quantized_getter(get, settings, folder)
     with _progress(len(required_hf_tensors(config)), f"loading {os.path.basename(folder)}") as bar:
-        params = params_from_hf(config, tensors.get, folder, on_tensor=lambda _: bar.update(),
-                                quantize=quantize)
+        try:
+            params = params_from_hf(config, get, folder, on_tensor=lambda _: bar.update(),
+                                    quantize=quantize)
+        except QuantConfigError as e:
+            raise ModelLoadError(str(e)) from None
     return LoadedModel(config=config, params=params, tokenizer=load_tokenizer(folder), source=folder)
+
+
+def _quantization_config(folder: str) -> dict | None:
+    import json
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f).get("quantization_config") or None
 
 
 def _load_gguf(path: str, dtype: str | None, keep_packed: bool,

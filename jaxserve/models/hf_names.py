@@ -61,7 +61,8 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
     None when absent; `on_tensor` is called per tensor read (progress bars). Missing tensors
     and wrong shapes raise WeightError naming both. The layer matrices of a packed checkpoint
     become QuantizedStacks; so do float ones with `quantize` ("int8"/"fp8", made here; a
-    packed one is first dequantized). Embeddings and lm_head are always loaded as float.
+    packed one is first dequantized); quantize="none" dequantizes packed ones. Embeddings and
+    lm_head are always loaded as float.
     """
     np_dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[cfg.dtype]
     if np_dtype == "bfloat16":
@@ -82,7 +83,7 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
             if quantized and quantize is None:
                 return arr  # a layer matrix kept packed, [N, K]
             arr = arr.dequantize()
-        if quantized and quantize is not None:
+        if quantized and quantize in quant.LOAD_TIME_SCHEMES:
             return quant.quantize(arr, quantize)
         arr = arr.T if transpose else arr
         return np.ascontiguousarray(arr.astype(np_dtype))
