@@ -99,7 +99,7 @@ def profile(loaded, backend: str, seqs, max_model_len: int, repeats: int,
     params = jax.tree.map(jnp.asarray, loaded.params)
     if linear == "native":  # the layer matrices as the native CPU matmul reads them
         params = pack_layer_matrices(params)
-    dtype = params["embed"].dtype
+    dtype = params["final_norm"].dtype
     pages_per_seq = -(-max_model_len // PAGE_SIZE)
     num_pages = max(sum(-(-c // PAGE_SIZE) for _, c in seqs), 1) + 1
     num_tokens = sum(q for q, _ in seqs)

@@ -98,8 +98,7 @@ def _load_draft_model(config: EngineConfig, target, log):
         return None
     from jaxserve.config import ConfigError
     from jaxserve.loading import ModelLoadError, load_model
-    import jax
-    dtype = str(jax.tree.leaves(target.params)[0].dtype)
+    dtype = str(target.params["final_norm"].dtype)
     try:
         draft = load_model(spec.model, dtype=dtype)
     except (ModelLoadError, OSError) as e:

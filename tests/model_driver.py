@@ -28,7 +28,7 @@ class SingleSequenceDriver:
             self.params = pack_layer_matrices(self.params)
         self.model = build_model(cfg, attention_fn)
         self.num_pages = -(-max_len // PAGE_SIZE)
-        self.dtype = self.params["embed"].dtype
+        self.dtype = self.params["final_norm"].dtype
         self.forward = jax.jit(self.model.forward, donate_argnums=(1,))
 
     def new_cache(self):

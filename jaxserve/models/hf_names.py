@@ -27,6 +27,8 @@ _LAYER_NAMES = {
     "up_proj": ("mlp.up_proj.weight", True),
     "down_proj": ("mlp.down_proj.weight", True),
 }
+# top-level tensors a packed checkpoint may keep packed (an [N = V, K = H] matrix each)
+_PACKED_TOP = ("model.embed_tokens.weight", "lm_head.weight")
 _TOP_NAMES = {
     "embed": ("model.embed_tokens.weight", False),
     "final_norm": ("model.norm.weight", False),
@@ -61,8 +63,9 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
     None when absent; `on_tensor` is called per tensor read (progress bars). Missing tensors
     and wrong shapes raise WeightError naming both. The layer matrices of a packed checkpoint
     become QuantizedStacks; so do float ones with `quantize` ("int8"/"fp8", made here; a
-    packed one is first dequantized); quantize="none" dequantizes packed ones. Embeddings and
-    lm_head are always loaded as float.
+    packed one is first dequantized); quantize="none" dequantizes packed ones. A packed
+    embedding table and lm_head stay packed too (QuantizedStack [1, H, V]) unless `quantize`
+    is given; int8/fp8 leave them float.
     """
     np_dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[cfg.dtype]
     if np_dtype == "bfloat16":
@@ -82,6 +85,9 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
         if isinstance(arr, HFQuantized):
             if quantized and quantize is None:
                 return arr  # a layer matrix kept packed, [N, K]
+            if quantize is None and name in _PACKED_TOP:
+                # the embedding table / lm_head [V, H] kept packed, as one [1, H, V] stack
+                return quant.stack_quantized([arr])
             arr = arr.dequantize()
         if quantized and quantize in quant.LOAD_TIME_SCHEMES:
             return quant.quantize(arr, quantize)

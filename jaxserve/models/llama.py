@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxserve.models.batch import ForwardBatch, KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.linear import LayerWeights, split_layers
+from jaxserve.models.quant import QuantizedStack
 from jaxserve.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # attention_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -103,8 +104,12 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
 
     Returns (new kv_cache, logits f32[N, V]) for the rows in batch.logits_indices.
     """
-    dtype = params["embed"].dtype
-    h = params["embed"][batch.token_ids]  # [T, H]
+    dtype = params["final_norm"].dtype
+    embed = params["embed"]  # [V, H], or a QuantizedStack [1, H, V] (a GGUF's packed table)
+    if isinstance(embed, QuantizedStack):
+        h = embed.gather_columns(batch.token_ids, dtype)  # [T, H]
+    else:
+        h = embed[batch.token_ids]  # [T, H]
     cos, sin = rope_cos_sin(batch.positions, inverse_frequencies(cfg), dtype)
 
     # packed matrix stacks (see linear.py) are read in place, not sliced per layer
@@ -127,6 +132,9 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
         layer_step, (h, kv_cache.k, kv_cache.v), (sliced, layer_ids))
     h = h[batch.logits_indices]  # [N, H]
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    head = embed if cfg.tie_word_embeddings else params["lm_head"]
+    if isinstance(head, QuantizedStack):  # [1, H, V], dequantized inside the dot
+        return KVCache(k=k_cache, v=v_cache), head.matmul(h, 0).astype(jnp.float32)
+    lm_head = head.T if cfg.tie_word_embeddings else head
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)  # [N, V]
     return KVCache(k=k_cache, v=v_cache), logits

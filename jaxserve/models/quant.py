@@ -111,12 +111,16 @@ class QuantizedStack:
     def shape(self) -> tuple[int, int, int]:  # of the float stack it stands for
         return (self.codes.shape[0], self.n_in, self.codes.shape[-1])
 
-    def _dequantize(self, codes, layer, parity=None):
+    def _dequantize(self, codes, layer, parity=None, columns=None):
         """codes [R, N] of one layer -> f32[R, N]: all K rows (parity None) or the rows
-        k = parity mod 2 (R = K / 2; a group of g rows holds g / 2 of them, consecutively)."""
+        k = parity mod 2 (R = K / 2; a group of g rows holds g / 2 of them, consecutively);
+        `columns`: the codes are those columns only (an embedding lookup)."""
         codes = codes.astype(jnp.float32)
         scale = self.scale[layer].astype(jnp.float32)           # [G, N]
         offset = None if self.offset is None else self.offset[layer].astype(jnp.float32)
+        if columns is not None:
+            scale = scale[:, columns]
+            offset = None if offset is None else offset[:, columns]
         if self.g_idx is not None:  # arbitrary group per input row (GPTQ act-order)
             g = self.g_idx[layer] if parity is None else self.g_idx[layer][parity::2]
             return codes * scale[g] + (0.0 if offset is None else offset[g])
@@ -131,6 +135,14 @@ class QuantizedStack:
         if self.bits == 4:
             codes = unpack_nibbles(codes)
         return self._dequantize(codes, layer).astype(dtype)
+
+    def gather_columns(self, ids, dtype):  # ids i32[T] -> [T, K]: W[0][:, ids].T
+        """Columns of layer 0 as rows: the lookup of an embedding table stored as the tied
+        lm_head's [1, H, V] stack (column v is token v's embedding)."""
+        codes = self.codes[0][:, ids]                                # [K or K/2, T]
+        if self.bits == 4:
+            codes = unpack_nibbles(codes)
+        return self._dequantize(codes, 0, columns=ids).T.astype(dtype)
 
     def matmul(self, x, layer):  # x [T, K] -> [T, N]
         def dot(a, w):

@@ -183,7 +183,16 @@ def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES,
             f: one(f"layers/{k}.{f}", quant.field_logical_axes(f, axes["layers"][k]), a.shape)
             for f, a in quant.array_fields(stack).items()})
 
-    out = {k: one(k, axes[k], shapes[k]) for k in shapes if k != "layers"}
+    def top(k):
+        table = (params or {}).get(k)
+        if not isinstance(table, quant.QuantizedStack):
+            return one(k, axes[k], shapes[k])
+        # a packed embedding / lm_head is a [1, H, V] stack whatever its float layout
+        return table.replace(**{
+            f: one(f"{k}.{f}", quant.field_logical_axes(f, (None, "embed", "vocab")), a.shape)
+            for f, a in quant.array_fields(table).items()})
+
+    out = {k: top(k) for k in shapes if k != "layers"}
     out["layers"] = {k: layer(k, s) for k, s in shapes["layers"].items()}
     return out
 

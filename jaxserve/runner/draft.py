@@ -114,7 +114,7 @@ class DraftModel:
         self.sharding_plan = ShardingPlan.build(self.cfg, config.tensor_parallel_size,
                                                 config.sharding_config)
         self.params = self.sharding_plan.place_params(loaded.params)
-        dtype = self.params["embed"].dtype
+        dtype = self.params["final_norm"].dtype
         if linear_backend == "native":
             self.params = pack_layer_matrices(self.params)
         self.kv_cache = self.sharding_plan.zeros_kv_cache(num_pages, self.page_size, dtype)

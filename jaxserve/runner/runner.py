@@ -118,7 +118,7 @@ class ModelRunner:
         log(self.sharding_plan.describe())
         # each device receives only its own slices of the weights, never the whole model
         self.params = self.sharding_plan.place_params(loaded.params)
-        dtype = self.params["embed"].dtype
+        dtype = self.params["final_norm"].dtype
         self.linear_backend, note = resolve_linear_backend(
             config.linear_backend, jax.devices()[0].platform, dtype,
             self.sharding_plan.num_devices, quantized_scheme(self.params))

@@ -57,7 +57,7 @@ class ShardedDriver:
             model = build_model(cfg, plan.wrap_attention(attention_fn))
             self.forward = jax.jit(model.forward, donate_argnums=(1,),
                                    out_shardings=(plan.kv_cache_sharding(), plan.replicated()))
-        self.dtype = jax.tree.leaves(self.params)[0].dtype
+        self.dtype = self.params["final_norm"].dtype
 
     def new_cache(self, num_seqs: int):
         c, pages = self.cfg, num_seqs * self.pages_per_seq
