@@ -29,7 +29,8 @@ def engine_config_from(server_config):
         cache=CacheConfig(page_size=server_config.page_size, num_pages=server_config.num_pages,
                           kv_cache_memory_bytes=server_config.kv_cache_memory,
                           gpu_memory_utilization=server_config.gpu_memory_utilization,
-                          enable_prefix_caching=server_config.enable_prefix_caching),
+                          enable_prefix_caching=server_config.enable_prefix_caching,
+                          kv_cache_dtype=server_config.kv_cache_dtype),
         # limits left None take the platform's defaults, resolved once by build_engine
         scheduler=SchedulerConfig(max_num_seqs=server_config.max_num_seqs,
                                   max_num_batched_tokens=server_config.max_num_batched_tokens,

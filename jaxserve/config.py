@@ -24,6 +24,9 @@ def default_compilation_cache_dir() -> str:
     return os.path.join(root, "jaxserve", "xla")
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     page_size: int = 16
@@ -31,8 +34,14 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None  # CPU budget; default 512 MiB
     gpu_memory_utilization: float = 0.9       # fraction of device memory jaxserve may use
     enable_prefix_caching: bool = True
+    # "auto" (the model's dtype), or int8 / fp8 (= fp8_e4m3): codes with a float32 scale per
+    # token and KV head (pallas_kernels/kv_quant.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"--page-size must be a power of two, got {self.page_size}")
         if self.num_pages is not None and self.num_pages < 2:

@@ -122,7 +122,7 @@ class LLM:
                  num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, linear_backend: str | None = None,
-                 quantization: str | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto",
                  tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
                  compilation_cache_dir: str | None | object = "default", warmup: bool = True,
@@ -133,7 +133,8 @@ class LLM:
         speculative_config: as vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 3,
         "prompt_lookup_max": 4} (engine/speculative.py). quantization: "int8" or "fp8"
         (weight-only, made at load), "gguf" or None (a GGUF file's own blocks kept packed),
-        "none" (dequantize everything at load), as --quantization."""
+        "none" (dequantize everything at load), as --quantization. kv_cache_dtype: "auto",
+        "int8" or "fp8" (codes with a scale per token and KV head), as --kv-cache-dtype."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
             model = ensure_default_model()
@@ -147,7 +148,8 @@ class LLM:
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                               kv_cache_memory_bytes=kv_cache_memory_bytes,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len,

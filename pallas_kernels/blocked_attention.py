@@ -26,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_quant
 from pallas_kernels.reference import check_operands
 
 # Finite "minus infinity": a fully masked block then leaves the running max and sum unchanged
@@ -105,9 +106,9 @@ def blocked_paged_attention(
     q32 = q.astype(jnp.float32)
 
     def gather(k_or_v, pages):  # pages i32[..., ppb] -> f32[..., Hkv, block_k, D]
-        x = k_or_v[layer, pages]                                        # [..., ppb, Hkv, ps, D]
+        x = kv_quant.read_pages(k_or_v, layer, pages)                   # [..., ppb, Hkv, ps, D]
         x = jnp.moveaxis(x, -3, -4)                                     # [..., Hkv, ppb, ps, D]
-        return x.reshape(*pages.shape[:-1], Hkv, block_k, D).astype(jnp.float32)
+        return x.reshape(*pages.shape[:-1], Hkv, block_k, D)
 
     def first_block(first_pos):  # the sliding window's first visible key, as a block index
         if sliding_window is None:

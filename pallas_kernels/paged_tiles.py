@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import kv_quant
 from pallas_kernels.reference import check_operands
 
 # jax.experimental.pallas.tpu is imported for a side effect: on jax 0.11/0.12 the first
@@ -102,6 +103,7 @@ def load_kv_block(k_ref, v_ref, pages_ref, layer, seq, head, start, stop, *, blo
     Returns k [BK, D], v [BK, D], positions i32[BK] and live bool[BK].
     """
     _, num_pages, _, page_size, head_dim = k_ref.shape  # [L, P, Hkv, page_size, D]
+    # a quantized cache arrives as kv_quant.QuantizedKV of refs: codes and per-token scales
     pages_per_seq = pages_ref.shape[1]  # pages_ref: [S, pages_per_seq]
     pos = start + jnp.arange(block_kv, dtype=jnp.int32)  # [BK]
     live = pos < stop  # [BK]
@@ -113,6 +115,13 @@ def load_kv_block(k_ref, v_ref, pages_ref, layer, seq, head, start, stop, *, blo
     # Integer-array indexers (no slices) so the same gather also runs in interpret mode.
     idx = (layer, page[:, None], head, within[:, None], dims[None, :])  # broadcasts to [BK, D]
     mask = jnp.broadcast_to(live[:, None], (block_kv, head_dim))  # [BK, D]
+    if kv_quant.is_quantized(k_ref):  # dequantize on load: codes * the token's scale
+        sidx = (layer, page, head, within)  # [BK]
+        k = (plgpu.load(k_ref.codes.at[idx], mask=mask, other=0).astype(jnp.float32)
+             * plgpu.load(k_ref.scale.at[sidx], mask=live, other=0)[:, None])
+        v = (plgpu.load(v_ref.codes.at[idx], mask=mask, other=0).astype(jnp.float32)
+             * plgpu.load(v_ref.scale.at[sidx], mask=live, other=0)[:, None])
+        return k, v, pos, live
     k = plgpu.load(k_ref.at[idx], mask=mask, other=0)  # [BK, D]
     v = plgpu.load(v_ref.at[idx], mask=mask, other=0)  # [BK, D]
     return k, v, pos, live
@@ -129,6 +138,7 @@ def attention_mask(q_pos, k_pos, k_live, sliding_window):
 def online_softmax_step(carry, q, k, v, mask, *, sm_scale: float, soft_cap):
     """Fold one KV block into the running (acc [M, D], max [M], sum [M]), all float32."""
     acc, m_prev, l_prev = carry
+    k, v = k.astype(q.dtype), v.astype(q.dtype)  # a dequantized cache block is float32
     # Triton's default for f32 operands is TF32 (~1e-3 error); the f32 path promises ~1e-5.
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [M, BK] f32

@@ -7,7 +7,8 @@ kv_lens[s] - q_len[s] + i and attends causally to cache positions [0, that posit
 Rows at or beyond cu_q_lens[num_seqs] are padding: never read from the cache, output zeros.
 
 The cache holds every layer ([L, P, Hkv, page_size, D]) and `layer` picks one, so the model can
-scan over layers without slicing (copying) a layer's cache out for each call.
+scan over layers without slicing (copying) a layer's cache out for each call. It may be a
+kv_quant.QuantizedKV (int8/fp8 codes + per-token scales), dequantized as pages are read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_quant
+
 # Token rows processed together; bounds the gathered K/V to [chunk, Hkv, context, D].
 _TOKEN_CHUNK = 32
 
@@ -25,6 +28,8 @@ def check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs
     """Raise a clear ValueError when the operands do not form one paged-attention problem."""
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, q_heads, head_dim], got shape {q.shape}")
+    if kv_quant.is_quantized(k_cache) != kv_quant.is_quantized(v_cache):
+        raise ValueError("a quantized cache needs K and V both QuantizedKV, got one of each")
     if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
         raise ValueError("k_cache and v_cache must both be [layers, pages, kv_heads, page_size, "
                          f"head_dim], got {k_cache.shape} and {v_cache.shape}")
@@ -45,7 +50,13 @@ def check_operands(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens,
                    sm_scale, soft_cap, sliding_window) -> None:
     """check_shapes plus the dtypes and static settings every compiled variant relies on."""
     check_shapes(q, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    if kv_quant.is_quantized(k_cache) or kv_quant.is_quantized(v_cache):
+        if not (kv_quant.is_quantized(k_cache) and kv_quant.is_quantized(v_cache)
+                and k_cache.dtype == v_cache.dtype
+                and any(k_cache.dtype == d for d in kv_quant.KV_CACHE_DTYPES.values())):
+            raise ValueError(f"a quantized cache needs K and V both QuantizedKV of int8 or "
+                             f"float8_e4m3fn codes, got {k_cache.dtype} and {v_cache.dtype}")
+    elif not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -93,14 +104,14 @@ def ragged_paged_attention_reference(
     row_valid = rows < cu_q_lens[num_seqs[0]]
     q_len = cu_q_lens[seq_of_row + 1] - cu_q_lens[seq_of_row]
     q_pos = kv_lens[seq_of_row] - q_len + (rows - cu_q_lens[seq_of_row])  # [T]
-    k_layer = k_cache[layer]
-    v_layer = v_cache[layer]
 
     def attend(args):  # one query row; lax.map vmaps this over chunks of rows
         q_t, seq, pos, valid = args  # [Hq, D], [], [], []
         pages = jnp.where(valid, page_indices[seq], 0)  # padding rows read page 0 only
-        k = k_layer[pages].transpose(1, 0, 2, 3).reshape(num_kv_heads, context, head_dim)
-        v = v_layer[pages].transpose(1, 0, 2, 3).reshape(num_kv_heads, context, head_dim)
+        k = kv_quant.read_pages(k_cache, layer, pages)  # f32[pages, Hkv, page_size, D]
+        v = kv_quant.read_pages(v_cache, layer, pages)
+        k = k.transpose(1, 0, 2, 3).reshape(num_kv_heads, context, head_dim)
+        v = v.transpose(1, 0, 2, 3).reshape(num_kv_heads, context, head_dim)
         qg = q_t.reshape(num_kv_heads, q_per_kv, head_dim).astype(jnp.float32)
         s = jnp.einsum("gqd,gkd->gqk", qg, k.astype(jnp.float32)) * sm_scale
         if soft_cap is not None:

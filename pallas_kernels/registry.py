@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from pallas_kernels import native_decode
+from pallas_kernels import kv_quant, native_decode
 from pallas_kernels.blocked_attention import BlockedConfig, blocked_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import ragged_paged_attention_reference
@@ -48,8 +48,9 @@ def _reference(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num
 def _native(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
             sm_scale, soft_cap=None, sliding_window=None, interpret: bool = False,
             config: BlockedConfig = BlockedConfig()):
-    # the native kernel reads float32 and bfloat16; other dtypes keep the jnp decode loop
-    native = q.dtype in (jnp.float32, jnp.bfloat16)
+    # the native kernel reads float32 and bfloat16 caches; others (a quantized cache, float16)
+    # keep the jnp decode loop
+    native = q.dtype in (jnp.float32, jnp.bfloat16) and not kv_quant.is_quantized(k_cache)
     return blocked_paged_attention(
         q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,

@@ -13,8 +13,10 @@ from flax import struct
 
 @struct.dataclass
 class KVCache:
-    k: jnp.ndarray  # [L, num_pages, Hkv, page_size, D]
-    v: jnp.ndarray  # [L, num_pages, Hkv, page_size, D]
+    # [L, num_pages, Hkv, page_size, D], or a pallas_kernels.kv_quant.QuantizedKV of that
+    # shape (int8/fp8 codes and per-token scales: --kv-cache-dtype)
+    k: jnp.ndarray
+    v: jnp.ndarray
 
     @property
     def num_pages(self) -> int:

@@ -29,6 +29,7 @@ from jaxserve.models.batch import ForwardBatch, KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.linear import LayerWeights, split_layers
 from jaxserve.models.quant import QuantizedStack
+from pallas_kernels import kv_quant
 from jaxserve.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 # attention_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -82,10 +83,9 @@ def _attention_block(cfg, attention_fn, lp, h, cos, sin, k_cache, v_cache, layer
     k = apply_rope(k, cos, sin)
     # Write this step's K/V into their pages first: attention then reads one uniform paged
     # context. Padding rows carry page == num_pages and are dropped by the scatter.
-    k_cache = k_cache.at[layer, batch.slot_pages, :, batch.slot_offsets].set(
-        k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, batch.slot_pages, :, batch.slot_offsets].set(
-        v.astype(v_cache.dtype), mode="drop")
+    # A quantized cache (pallas_kernels.kv_quant) stores codes and per-token scales.
+    k_cache = kv_quant.write(k_cache, layer, batch.slot_pages, batch.slot_offsets, k)
+    v_cache = kv_quant.write(v_cache, layer, batch.slot_pages, batch.slot_offsets, v)
     o = attention_fn(q, k_cache, v_cache, layer, batch.kv_lens, batch.page_indices,
                      batch.cu_q_lens, batch.num_seqs, sm_scale=D ** -0.5, soft_cap=None,
                      sliding_window=cfg.sliding_window)  # [T, Hq, D]

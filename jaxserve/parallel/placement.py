@@ -34,12 +34,18 @@ def place_params(host_params, shardings):
 
 
 def zeros_kv_cache(num_layers: int, num_pages: int, num_kv_heads: int, page_size: int,
-                   head_dim: int, dtype, sharding: KVCache) -> KVCache:
+                   head_dim: int, dtype, sharding: KVCache, code_dtype=None) -> KVCache:
     """KVCache.zeros, created directly in its sharded layout (`sharding` from
-    rules.kv_cache_sharding)."""
+    rules.kv_cache_sharding); code_dtype: a quantized cache's codes (kv_quant.QuantizedKV)."""
+    from pallas_kernels.kv_quant import QuantizedKV
+
     shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
-                   out_shardings=sharding)
+
+    def one():
+        if code_dtype is None:
+            return jnp.zeros(shape, dtype)
+        return QuantizedKV.zeros(shape, code_dtype)
+    make = jax.jit(lambda: KVCache(k=one(), v=one()), out_shardings=sharding)
     return make()
 
 

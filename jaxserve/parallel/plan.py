@@ -66,25 +66,29 @@ class ShardingPlan:
         quantized."""
         return rules_lib.param_shardings(self.model, self.mesh, self.rules, params)
 
-    def kv_cache_sharding(self) -> KVCache:
-        return rules_lib.kv_cache_sharding(self.model, self.mesh, self.rules)
+    def kv_cache_sharding(self, quantized: bool = False) -> KVCache:
+        return rules_lib.kv_cache_sharding(self.model, self.mesh, self.rules, quantized)
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    def step_out_shardings(self):
+    def step_out_shardings(self, quantized_cache: bool = False):
         """out_shardings for step(...) -> (kv_cache, StepOutput, sampled): the cache keeps its
         layout, the (small) step outputs are replicated so any process can read them."""
-        return (self.kv_cache_sharding(), self.replicated(), self.replicated())
+        return (self.kv_cache_sharding(quantized_cache), self.replicated(), self.replicated())
 
     # -- placement --------------------------------------------------------------------------
     def place_params(self, host_params):
         return placement.place_params(host_params, self.param_shardings(host_params))
 
-    def zeros_kv_cache(self, num_pages: int, page_size: int, dtype) -> KVCache:
+    def zeros_kv_cache(self, num_pages: int, page_size: int, dtype,
+                       code_dtype=None) -> KVCache:
+        """code_dtype: int8 / float8_e4m3fn for a quantized cache (kv_quant), None: dtype."""
         m = self.model
         return placement.zeros_kv_cache(m.num_layers, num_pages, m.num_kv_heads, page_size,
-                                        m.head_dim, dtype, self.kv_cache_sharding())
+                                        m.head_dim, dtype,
+                                        self.kv_cache_sharding(code_dtype is not None),
+                                        code_dtype)
 
     def put_batch(self, batch):
         """A numpy ForwardBatch -> global arrays; token fields split per the `tokens` rule.

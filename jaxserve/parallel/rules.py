@@ -197,12 +197,18 @@ def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES,
     return out
 
 
-def kv_cache_sharding(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES) -> KVCache:
+def kv_cache_sharding(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES,
+                      quantized: bool = False) -> KVCache:
     """A KVCache whose k and v are the NamedSharding of the cache [L, P, Hkv, page_size, D]:
-    KV heads on the heads' mesh axis when it divides num_kv_heads, else replicated."""
+    KV heads on the heads' mesh axis when it divides num_kv_heads, else replicated. quantized:
+    k and v are kv_quant.QuantizedKV of shardings (codes as above, scales [L, P, Hkv, ps])."""
+    from pallas_kernels.kv_quant import QuantizedKV
+
     rules = resolve_rules(cfg, mesh, rules)
-    spec = P(*(getattr(rules, a) if a else None for a in KV_CACHE_AXES))
-    s = NamedSharding(mesh, spec)
+    axes = [getattr(rules, a) if a else None for a in KV_CACHE_AXES]
+    s = NamedSharding(mesh, P(*axes))
+    if quantized:
+        s = QuantizedKV(codes=s, scale=NamedSharding(mesh, P(*axes[:-1])))
     return KVCache(k=s, v=s)
 
 

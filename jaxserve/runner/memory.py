@@ -21,6 +21,7 @@ class MemoryPlan:
     page_size: int
     budget_source: str
     draft_page_bytes: int = 0  # the draft model's share of page_bytes (speculative decoding)
+    kv_cache_dtype: str = "auto"
 
     @property
     def kv_bytes(self) -> int:
@@ -34,7 +35,8 @@ class MemoryPlan:
         gib = 2**30
         draft = (f", {self.draft_page_bytes * self.num_pages / gib:.2f} GiB of it the draft "
                  f"model's" if self.draft_page_bytes else "")
-        return (f"memory plan: weights {self.weight_bytes / gib:.2f} GiB, KV cache "
+        kv = "" if self.kv_cache_dtype == "auto" else f" {self.kv_cache_dtype}"
+        return (f"memory plan: weights {self.weight_bytes / gib:.2f} GiB, KV cache{kv} "
                 f"{self.num_pages} pages x {self.page_size} tokens = {self.tokens} tokens "
                 f"({self.kv_bytes / gib:.2f} GiB{draft}; {self.budget_source})")
 
@@ -43,9 +45,12 @@ def tree_bytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
-    """K and V of every layer for one page."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * np.dtype(dtype).itemsize
+def page_bytes(cfg: ModelConfig, page_size: int, dtype, kv_cache_dtype: str = "auto") -> int:
+    """K and V of every layer for one page; a quantized cache (int8/fp8) holds one byte per
+    value and a float32 scale per token and KV head."""
+    per_token_head = (cfg.head_dim * np.dtype(dtype).itemsize if kv_cache_dtype == "auto"
+                      else cfg.head_dim + 4)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * per_token_head
 
 
 def activation_bytes(cfg: ModelConfig, max_tokens: int, max_seqs: int, dtype) -> int:
@@ -64,10 +69,11 @@ def plan_memory(cfg: ModelConfig, cache: CacheConfig, weight_bytes: int, cache_d
     heads on the model axis) costs each of them 1/kv_shards of its bytes. draft_page_bytes: a
     draft model's cache, which has the target's pages (runner/draft.py), adds to every page."""
     device = device or jax.devices()[0]
-    per_page = page_bytes(cfg, cache.page_size, cache_dtype) // kv_shards + draft_page_bytes
+    per_page = (page_bytes(cfg, cache.page_size, cache_dtype, cache.kv_cache_dtype) // kv_shards
+                + draft_page_bytes)
     if cache.num_pages is not None:
         return MemoryPlan(weight_bytes, per_page, cache.num_pages, cache.page_size, "--num-pages",
-                          draft_page_bytes)
+                          draft_page_bytes, cache.kv_cache_dtype)
     if cache.kv_cache_memory_bytes is not None:
         budget, source = cache.kv_cache_memory_bytes, "--kv-cache-memory"
     elif device.platform == "cpu":
@@ -84,4 +90,4 @@ def plan_memory(cfg: ModelConfig, cache: CacheConfig, weight_bytes: int, cache_d
         raise MemoryError(f"no room for the KV cache: budget {budget / 2**20:.1f} MiB ({source}) "
                           f"holds fewer than 2 pages of {per_page / 2**20:.2f} MiB")
     return MemoryPlan(weight_bytes, per_page, int(num_pages), cache.page_size, source,
-                      draft_page_bytes)
+                      draft_page_bytes, cache.kv_cache_dtype)

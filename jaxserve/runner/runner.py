@@ -36,6 +36,7 @@ from jaxserve.runner.compile_guard import cache_counts, compile_count
 from jaxserve.runner.linear_backend import resolve_linear_backend
 from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import page_bytes, plan_memory
+from pallas_kernels.kv_quant import KV_CACHE_DTYPES as KV_CODE_DTYPES
 from jaxserve.runner.step import compiled_step
 
 
@@ -115,6 +116,10 @@ class ModelRunner:
         self.pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.sharding_plan = ShardingPlan.build(self.cfg, config.tensor_parallel_size,
                                                 config.sharding_config)
+        if config.cache.kv_cache_dtype != "auto" and self.sharding_plan.num_devices > 1:
+            raise ConfigError(f"--kv-cache-dtype {config.cache.kv_cache_dtype}: a quantized KV "
+                              f"cache runs on one device in this version, not a mesh of "
+                              f"{self.sharding_plan.num_devices}")
         log(self.sharding_plan.describe())
         # each device receives only its own slices of the weights, never the whole model
         self.params = self.sharding_plan.place_params(loaded.params)
@@ -142,7 +147,9 @@ class ModelRunner:
                                 draft_page_bytes=draft_page_bytes)
         log(self.plan.describe())
         self.num_pages = self.plan.num_pages
-        self.kv_cache = self.sharding_plan.zeros_kv_cache(self.num_pages, self.page_size, dtype)
+        code_dtype = KV_CODE_DTYPES.get(config.cache.kv_cache_dtype)  # None: dtype itself
+        self.kv_cache = self.sharding_plan.zeros_kv_cache(self.num_pages, self.page_size, dtype,
+                                                          code_dtype)
         self.draft = None
         if draft is not None:
             from jaxserve.runner.draft import DraftModel
@@ -150,7 +157,7 @@ class ModelRunner:
                                     self.buckets.seq_buckets[-1], self.linear_backend)
         self.vocab_size = self.cfg.vocab_size
         self._step = compiled_step(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
-                                   self.sharding_plan.step_out_shardings())
+                                   self.sharding_plan.step_out_shardings(code_dtype is not None))
         self.multihost = self.sharding_plan.multi_process
         self._key = self.sharding_plan.put_replicated(jax.random.PRNGKey(config.seed))
         self._num_steps = 0  # folded into the key on the device, one stream per step

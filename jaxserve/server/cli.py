@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import uvicorn
 
-from jaxserve.config import QUANTIZATION_METHODS
+from jaxserve.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from jaxserve.server.config import (DTYPES, LOG_LEVELS, TOOL_CALL_PARSERS, ConfigError,
                                     ServerConfig, parse_size)
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", type=parse_size,
                     default=None, help="KV-cache size in bytes (e.g. 8GiB); instead of "
                     "--num-pages.")
+    e.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
+                   help="KV cache storage: auto (the model's dtype), int8 or fp8 (e4m3; "
+                   "fp8_e4m3 is the same): one byte per value and a float32 scale per token "
+                   "and KV head, about twice the tokens of a bfloat16 cache in the same memory.")
     e.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="Fraction of device memory for weights + KV cache, when neither "
                    "--num-pages nor --kv-cache-memory is given.")
