@@ -420,3 +420,14 @@ def test_startup_cold_then_warm_on_the_same_cache(tmp_path, fake_launches):
     (_, c0, f0), (_, c1, _), (_, v0, _), (_, v1, _) = fake_launches
     assert c0 == c1 and v0 == v1 and c0 != v0 and f0 == "--compilation-cache-dir"
     assert not os.path.exists(c0)  # the temporary caches are removed afterwards
+
+
+def test_quantization_benchmark_smoke(tiny_model_dir, tmp_path):
+    out = tmp_path / "quant.json"
+    _run("quantization.py", "--model", tiny_model_dir("llama-gqa"), "--variants", "float32",
+         "int8", "--num-requests", "2", "--input-len", "8", "--output-len", "4", "--rounds", "1",
+         "--max-num-seqs", "2", "--json", str(out), timeout=400)
+    rows = json.loads(out.read_text())["results"]
+    assert rows["int8"]["weight_bytes"] < rows["float32"]["weight_bytes"]
+    assert rows["float32"]["same_tokens_as_float32"] == 2
+    assert all(r["output_tokens_per_s"] > 0 for r in rows.values())
