@@ -73,7 +73,7 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
         np_dtype = ml_dtypes.bfloat16
     expected = required_hf_tensors(cfg)
 
-    def read(name, transpose):
+    def read(name, transpose, matrix=False):  # matrix: one of a layer's LAYER_MATRICES
         arr = get_tensor(name)
         if arr is None:
             raise WeightError(f"{source}: missing tensor {name!r} (expected shape {expected[name]})")
@@ -83,36 +83,32 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
         if on_tensor is not None:
             on_tensor(name)
         if isinstance(arr, HFQuantized):
-            if quantized and quantize is None:
+            if matrix and quantize is None:
                 return arr  # a layer matrix kept packed, [N, K]
             if quantize is None and name in _PACKED_TOP:
                 # the embedding table / lm_head [V, H] kept packed, as one [1, H, V] stack
                 return quant.stack_quantized([arr])
             arr = arr.dequantize()
-        if quantized and quantize in quant.LOAD_TIME_SCHEMES:
+        if matrix and quantize in quant.LOAD_TIME_SCHEMES:
             return quant.quantize(arr, quantize)
         arr = arr.T if transpose else arr
         return np.ascontiguousarray(arr.astype(np_dtype))
 
     shapes = param_shapes(cfg)
-    quantized = False
     params = {key: read(*_TOP_NAMES[key]) for key in ("embed", "final_norm", "lm_head") if key in shapes}
     params["layers"] = {}
     for key in shapes["layers"]:
         name, transpose = _LAYER_NAMES[key]
-        quantized = key in LAYER_MATRICES
-        per_layer = [read(f"model.layers.{i}.{name}", transpose) for i in range(cfg.num_layers)]
-        kinds = {isinstance(a, HFQuantized) for a in per_layer}
-        if kinds == {True}:
+        per_layer = [read(f"model.layers.{i}.{name}", transpose, key in LAYER_MATRICES)
+                     for i in range(cfg.num_layers)]
+        if all(isinstance(a, HFQuantized) for a in per_layer):
             try:
                 params["layers"][key] = quant.stack_quantized(per_layer)
                 continue
             except ValueError:  # layers of one matrix in different formats: load it as float
                 pass
-        if kinds == {False}:
-            params["layers"][key] = np.stack(per_layer)
-        else:  # some layers packed, some float: one stack needs one layout
-            params["layers"][key] = np.stack([
-                (a.dequantize().T.astype(np_dtype) if isinstance(a, HFQuantized) else a)
-                for a in per_layer])
+        # one stack needs one layout: any packed layer of a mixed matrix is loaded as float
+        params["layers"][key] = np.stack([
+            (a.dequantize().T.astype(np_dtype) if isinstance(a, HFQuantized) else a)
+            for a in per_layer])
     return params

@@ -175,25 +175,21 @@ def param_shardings(cfg: ModelConfig, mesh, rules: AxisRules = DEFAULT_RULES,
     def one(name, a, s):
         return NamedSharding(mesh, logical_to_spec(a, s, mesh, rules, name))
 
-    def layer(k, s):
-        stack = (params or {}).get("layers", {}).get(k)
-        if not isinstance(stack, quant.QuantizedStack):
-            return one(f"layers/{k}", axes["layers"][k], s)
-        return stack.replace(**{
-            f: one(f"layers/{k}.{f}", quant.field_logical_axes(f, axes["layers"][k]), a.shape)
-            for f, a in quant.array_fields(stack).items()})
+    def leaf(name, held, leaf_axes, shape, stack_axes):
+        """held: the params' leaf (or None); stack_axes: its axes when stored quantized."""
+        if not isinstance(held, quant.QuantizedStack):
+            return one(name, leaf_axes, shape)
+        return held.replace(**{
+            f: one(f"{name}.{f}", quant.field_logical_axes(f, stack_axes), a.shape)
+            for f, a in quant.array_fields(held).items()})
 
-    def top(k):
-        table = (params or {}).get(k)
-        if not isinstance(table, quant.QuantizedStack):
-            return one(k, axes[k], shapes[k])
-        # a packed embedding / lm_head is a [1, H, V] stack whatever its float layout
-        return table.replace(**{
-            f: one(f"{k}.{f}", quant.field_logical_axes(f, (None, "embed", "vocab")), a.shape)
-            for f, a in quant.array_fields(table).items()})
-
-    out = {k: top(k) for k in shapes if k != "layers"}
-    out["layers"] = {k: layer(k, s) for k, s in shapes["layers"].items()}
+    held = params or {}
+    # a packed embedding / lm_head is a [1, H, V] stack whatever its float layout
+    out = {k: leaf(k, held.get(k), axes[k], shapes[k], (None, "embed", "vocab"))
+           for k in shapes if k != "layers"}
+    out["layers"] = {k: leaf(f"layers/{k}", held.get("layers", {}).get(k), axes["layers"][k],
+                             s, axes["layers"][k])
+                     for k, s in shapes["layers"].items()}
     return out
 
 
