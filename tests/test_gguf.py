@@ -212,12 +212,12 @@ def _patch_type_id(path, tensor_name, type_id):
 
 
 def test_unsupported_and_unknown_types_are_named(tmp_path):
-    # a real Q6_K tensor (gguf cannot quantize K-quants, so write raw blocks)
+    # a real IQ4_NL tensor (an i-quant, not read by jaxserve; written as raw blocks)
     w_path = tmp_path / "k.gguf"
     w = GGUFWriter(str(w_path), "llama")
-    w.add_tensor("blk.0.ffn_down.weight", np.zeros((4, 210), np.uint8), raw_dtype=Q.Q6_K)
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((4, 18), np.uint8), raw_dtype=Q.IQ4_NL)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*Q6_K"):
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*IQ4_NL.*Q4_K"):
         load_gguf(w_path, tokenizer=False)
     path = write_gguf(tmp_path / "m.gguf", _hf_tensors())
     _patch_type_id(path, "blk.1.attn_v.weight", 99)

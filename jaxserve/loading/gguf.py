@@ -44,9 +44,12 @@ class GGUFModel:
     metadata: dict                # raw GGUF key/values, minus the big tokenizer arrays
 
 
-# ggml type ids we dequantize (names as in gguf.GGMLQuantizationType). The K-quants and others
-# are refused rather than passed to gguf.quants untested.
-SUPPORTED_TYPES = {0: "F32", 1: "F16", 30: "BF16", 8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}
+# ggml type ids we read (names as in gguf.GGMLQuantizationType): floats and the block types
+# gguf_quant.py decodes (the legacy Q4/Q5/Q8 and the K-quants of llama.cpp's Q2_K..Q6_K
+# mixes). The i-quants and ternary types are refused rather than passed to gguf.quants
+# untested.
+SUPPORTED_TYPES = {int(GGMLQuantizationType[name]): name
+                   for name in ("F32", "F16", "BF16", *PACKED_TYPES)}
 
 # GGUF metadata value types: numeric id -> struct format (numpy reads the same codes).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -167,7 +170,7 @@ def _read_header(path: str, buf) -> tuple[dict, list[_TensorInfo]]:
             raise GGUFError(
                 f"{path}: tensor {name!r} is stored as {tname}, which jaxserve cannot dequantize; "
                 f"supported: {', '.join(SUPPORTED_TYPES.values())} (re-quantize the model, e.g. "
-                f"to Q8_0 or Q4_0, with llama.cpp's llama-quantize)")
+                f"to Q4_K_M or Q8_0, with llama.cpp's llama-quantize)")
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
         if ne[0] % block:
             raise GGUFError(f"{path}: tensor {name!r} has rows of {ne[0]} values, not a multiple "
@@ -335,8 +338,8 @@ def load_gguf(path: str, dtype: str | None = None, *, tokenizer: bool = True,
     """Read `path`, dequantize every tensor to float32 and return HF-named tensors + config.
 
     `dtype` sets ModelConfig.dtype (the compute dtype; default float32). `tokenizer=False`
-    skips building the tokenizer (weights-only files, tests). `keep_packed`: 2-D Q8_0, Q4_0
-    and Q4_1 tensors stay codes and scales (models.quant.HFQuantized, see gguf_quant.py).
+    skips building the tokenizer (weights-only files, tests). `keep_packed`: 2-D block-quantized
+    tensors stay codes and scales (models.quant.HFQuantized, see gguf_quant.py).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -102,12 +102,12 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
         per_layer = [read(f"model.layers.{i}.{name}", transpose, key in LAYER_MATRICES)
                      for i in range(cfg.num_layers)]
         if all(isinstance(a, HFQuantized) for a in per_layer):
-            try:
-                params["layers"][key] = quant.stack_quantized(per_layer)
+            common = quant.common_form(per_layer)  # e.g. Q4_K and Q6_K layers: all 8-bit
+            if common is not None:
+                params["layers"][key] = quant.stack_quantized(common)
                 continue
-            except ValueError:  # layers of one matrix in different formats: load it as float
-                pass
-        # one stack needs one layout: any packed layer of a mixed matrix is loaded as float
+        # one stack needs one layout: a matrix with float layers, or packed layers without a
+        # common form, is loaded as float
         params["layers"][key] = np.stack([
             (a.dequantize().T.astype(np_dtype) if isinstance(a, HFQuantized) else a)
             for a in per_layer])

@@ -160,6 +160,35 @@ class QuantizedStack:
         return y.astype(x.dtype)
 
 
+def common_form(per_layer: list[HFQuantized]) -> list[HFQuantized] | None:
+    """The layers of one matrix in one storage form, or None when they have none.
+
+    A scan over layers needs one layout per stack, but llama.cpp's mixes (Q4_K_M, Q5_K_M)
+    store some layers of attn_v and ffn_down as Q6_K and the rest as Q4_K. Such layers are
+    re-expressed without loss in the widest form among them: 4-bit codes widened to int8, the
+    coarser groups' scales repeated to the finest group size, a zero offset where a format has
+    none, float32 scales. fp8 codes and GPTQ act-order groups have no such common form."""
+    if len({(q.bits, q.codes.dtype, q.scale.shape, q.scale.dtype, q.offset is None,
+             q.g_idx is None) for q in per_layer}) == 1:
+        return per_layer
+    K = per_layer[0].codes.shape[1]
+    groups = max(q.scale.shape[1] for q in per_layer)
+    if any(q.g_idx is not None or q.codes.dtype == _FP8 or groups % q.scale.shape[1]
+           or K % groups for q in per_layer):
+        return None
+    with_offset = any(q.offset is not None for q in per_layer)
+
+    def widen(q: HFQuantized) -> HFQuantized:
+        repeat = groups // q.scale.shape[1]
+        scale = np.repeat(q.scale.astype(np.float32), repeat, axis=1)
+        offset = (np.zeros_like(scale) if q.offset is None
+                  else np.repeat(q.offset.astype(np.float32), repeat, axis=1))
+        return HFQuantized(q.codes.astype(np.int8), scale, offset if with_offset else None, 8,
+                           scheme=q.scheme)
+
+    return [widen(q) for q in per_layer]
+
+
 def stack_quantized(per_layer: list[HFQuantized]) -> QuantizedStack:
     """L checkpoint tensors [N, K] -> one QuantizedStack [L, K, N] (numpy leaves)."""
     first = per_layer[0]
@@ -177,7 +206,7 @@ def stack_quantized(per_layer: list[HFQuantized]) -> QuantizedStack:
     return QuantizedStack(codes=np.ascontiguousarray(codes), scale=np.ascontiguousarray(scale),
                           offset=None if offset is None else np.ascontiguousarray(offset),
                           g_idx=g_idx, bits=first.bits, n_in=first.codes.shape[1],
-                          scheme=first.scheme)
+                          scheme="+".join(sorted({q.scheme for q in per_layer})))
 
 
 def field_logical_axes(field: str, axes: tuple) -> tuple:
@@ -196,6 +225,6 @@ def array_fields(stack: QuantizedStack) -> dict:
 def quantized_scheme(params: dict) -> str | None:
     """How the layer matrices of a param pytree are quantized ("int8", "Q4_1", "Q4_1+Q8_0"),
     or None when they are all float."""
-    schemes = sorted({w.scheme or f"{w.bits}-bit" for w in params["layers"].values()
-                      if isinstance(w, QuantizedStack)})
+    schemes = sorted({part for w in params["layers"].values() if isinstance(w, QuantizedStack)
+                      for part in (w.scheme or f"{w.bits}-bit").split("+")})
     return "+".join(schemes) or None
