@@ -21,6 +21,10 @@ Two layouts of the KV cache (rules.resolve_rules decides):
         unevenly) one KV head per query head, gathered: [1, P, Hq/tp, ps, D].
     The slice copies one layer of the cache per call; a cache layout that stores a copy of the
     needed KV head per shard would avoid it but needs the model's cache write to know about it.
+
+A quantized cache (pallas_kernels.kv_quant.QuantizedKV) is a pytree of codes [L, P, Hkv, ps, D]
+and scales [L, P, Hkv, ps]: both split (or are cut) on the KV-head axis alike, so every shard
+holds the scales of exactly the codes it holds.
 """
 
 from __future__ import annotations
@@ -35,24 +39,24 @@ from jaxserve.models.config import ModelConfig
 from jaxserve.parallel.rules import DEFAULT_RULES, AxisRules, resolve_rules
 
 
-def _kv_heads_for_shard(k_cache, v_cache, layer, shard, q_heads_local: int, group: int):
-    """The KV heads the shard's query heads use, cut from the current layer: (k, v) of shape
-    [1, P, n, page_size, D] with n == 1 (one shared KV head) or n == q_heads_local."""
-    _, num_pages, num_kv_heads, page_size, head_dim = k_cache.shape
+def _kv_heads_for_shard(cache, layer, shard, q_heads_local: int, group: int):
+    """The KV heads the shard's query heads use, cut from the current layer of one cache (an
+    array or a QuantizedKV, cut leaf by leaf): [1, P, n, page_size, (D)] with n == 1 (one
+    shared KV head) or n == q_heads_local."""
     first_q = shard * q_heads_local
-    if group % q_heads_local == 0:
-        # All of this shard's query heads belong to the KV head first_q // group.
-        starts = (layer, 0, first_q // group, 0, 0)
-        sizes = (1, num_pages, 1, page_size, head_dim)
-        return (jax.lax.dynamic_slice(k_cache, starts, sizes),
-                jax.lax.dynamic_slice(v_cache, starts, sizes))
-    # Uneven: give every query head its own KV head (plain multi-head attention locally).
-    kv_of_q = (first_q + jnp.arange(q_heads_local, dtype=jnp.int32)) // group  # [Hq/tp]
-    starts = (layer, 0, 0, 0, 0)
-    sizes = (1, num_pages, num_kv_heads, page_size, head_dim)
-    k = jnp.take(jax.lax.dynamic_slice(k_cache, starts, sizes), kv_of_q, axis=2)
-    v = jnp.take(jax.lax.dynamic_slice(v_cache, starts, sizes), kv_of_q, axis=2)
-    return k, v
+
+    def cut(x):  # x [L, P, Hkv, ps, D] codes or floats, or [L, P, Hkv, ps] scales
+        rest = x.shape[3:]
+        if group % q_heads_local == 0:
+            # All of this shard's query heads belong to the KV head first_q // group.
+            starts = (layer, 0, first_q // group) + (0,) * len(rest)
+            return jax.lax.dynamic_slice(x, starts, (1, x.shape[1], 1, *rest))
+        # Uneven: give every query head its own KV head (plain multi-head attention locally).
+        kv_of_q = (first_q + jnp.arange(q_heads_local, dtype=jnp.int32)) // group  # [Hq/tp]
+        layer_x = jax.lax.dynamic_slice(x, (layer,) + (0,) * (x.ndim - 1), (1, *x.shape[1:]))
+        return jnp.take(layer_x, kv_of_q, axis=2)
+
+    return jax.tree.map(cut, cache)
 
 
 def _local_attention(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -61,8 +65,9 @@ def _local_attention(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_len
     # q: [T, Hq/tp, D] on this shard; caches: [L, P, Hkv/tp or Hkv, ps, D]
     if kv_replicated:
         shard = jax.lax.axis_index(heads_axis)
-        k_cache, v_cache = _kv_heads_for_shard(k_cache, v_cache, layer, shard, q.shape[1],
-                                               num_heads // num_kv_heads)
+        k_cache, v_cache = (_kv_heads_for_shard(c, layer, shard, q.shape[1],
+                                                num_heads // num_kv_heads)
+                            for c in (k_cache, v_cache))
         layer = jnp.zeros((), jnp.int32)  # the slice holds just the current layer
     return attention_fn(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                         **kwargs)
@@ -83,7 +88,7 @@ def shard_attention(attention_fn, mesh, cfg: ModelConfig, rules: AxisRules = DEF
     # meet GSPMD, and its operands may arrive split over the data axis.
     kv_replicated = heads_axis is not None and rules.kv_heads is None
     q_spec = P(None, heads_axis, None)                          # [T, Hq, D]
-    cache_spec = P(None, None, heads_axis if rules.kv_heads else None, None, None)
+    kv_axis = heads_axis if rules.kv_heads else None
     meta = P()  # layer, kv_lens, page_indices, cu_q_lens, num_seqs: same on every shard
 
     def sharded(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -92,6 +97,9 @@ def shard_attention(attention_fn, mesh, cfg: ModelConfig, rules: AxisRules = DEF
             _local_attention, attention_fn=attention_fn, kv_replicated=kv_replicated,
             heads_axis=heads_axis, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             kwargs=kwargs)
+        # per leaf: [L, P, Hkv, ps, D] (codes or floats) or [L, P, Hkv, ps] (scales)
+        cache_spec = jax.tree.map(lambda x: P(None, None, kv_axis, *(None,) * (x.ndim - 3)),
+                                  k_cache)
         # check_vma=False: Pallas calls inside do not carry varying-axis types in every jax
         # version we support; the specs above state the (true) per-shard layout instead.
         return jax.shard_map(body, mesh=mesh,

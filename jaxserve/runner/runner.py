@@ -116,10 +116,6 @@ class ModelRunner:
         self.pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.sharding_plan = ShardingPlan.build(self.cfg, config.tensor_parallel_size,
                                                 config.sharding_config)
-        if config.cache.kv_cache_dtype != "auto" and self.sharding_plan.num_devices > 1:
-            raise ConfigError(f"--kv-cache-dtype {config.cache.kv_cache_dtype}: a quantized KV "
-                              f"cache runs on one device in this version, not a mesh of "
-                              f"{self.sharding_plan.num_devices}")
         log(self.sharding_plan.describe())
         # each device receives only its own slices of the weights, never the whole model
         self.params = self.sharding_plan.place_params(loaded.params)

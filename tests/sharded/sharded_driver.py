@@ -43,10 +43,13 @@ def prompts(n: int = 2, seed: int = 0) -> list[list[int]]:
 
 class ShardedDriver:
     def __init__(self, cfg, host_params, plan=None, max_len: int = 64,
-                 attention_fn=ragged_paged_attention_reference, params=None):
+                 attention_fn=ragged_paged_attention_reference, params=None,
+                 kv_code_dtype=None):
         """params: already-placed params (e.g. restored from orbax); else host_params are
-        placed with the plan (or device_put without one)."""
-        self.cfg, self.plan = cfg, plan
+        placed with the plan (or device_put without one). kv_code_dtype: int8 / float8_e4m3fn
+        for a quantized KV cache (pallas_kernels.kv_quant), None for a float one."""
+        self.cfg, self.plan, self.kv_code_dtype = cfg, plan, kv_code_dtype
+        quantized = kv_code_dtype is not None
         self.pages_per_seq = -(-max_len // PAGE_SIZE)
         if plan is None:
             self.params = params if params is not None else jax.device_put(host_params)
@@ -56,15 +59,20 @@ class ShardedDriver:
             self.params = params if params is not None else plan.place_params(host_params)
             model = build_model(cfg, plan.wrap_attention(attention_fn))
             self.forward = jax.jit(model.forward, donate_argnums=(1,),
-                                   out_shardings=(plan.kv_cache_sharding(), plan.replicated()))
+                                   out_shardings=(plan.kv_cache_sharding(quantized),
+                                                  plan.replicated()))
         self.dtype = self.params["final_norm"].dtype
 
     def new_cache(self, num_seqs: int):
         c, pages = self.cfg, num_seqs * self.pages_per_seq
         if self.plan is None:
-            return KVCache.zeros(c.num_layers, pages, c.num_kv_heads, PAGE_SIZE, c.head_dim,
-                                 self.dtype)
-        return self.plan.zeros_kv_cache(pages, PAGE_SIZE, self.dtype)
+            shape = (c.num_layers, pages, c.num_kv_heads, PAGE_SIZE, c.head_dim)
+            if self.kv_code_dtype is not None:
+                from pallas_kernels.kv_quant import QuantizedKV
+                return KVCache(k=QuantizedKV.zeros(shape, self.kv_code_dtype),
+                               v=QuantizedKV.zeros(shape, self.kv_code_dtype))
+            return KVCache.zeros(*shape, self.dtype)
+        return self.plan.zeros_kv_cache(pages, PAGE_SIZE, self.dtype, self.kv_code_dtype)
 
     def batch(self, chunks: list[list[int]], starts: list[int], pad_to: int) -> ForwardBatch:
         """numpy ForwardBatch: chunks[i] at positions starts[i].. of sequence i."""

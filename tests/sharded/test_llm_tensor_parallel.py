@@ -19,3 +19,13 @@ def test_llm_tensor_parallel_same_tokens(tiny_model_dir):
         assert r[n]["linear_backend"] == "xla"  # a mesh never takes the native CPU matmul
         assert r[n]["q_proj_shard"][2] * int(n) == 64  # 8 heads x head_dim 8, split n ways
         assert r[n]["cache_spec"] == r[n]["cache_expected"]
+
+
+def test_llm_tensor_parallel_with_an_int8_kv_cache(tiny_model_dir):
+    r = run_script("llm_tokens.py", tiny_model(tiny_model_dir, "llama-h8-kv4"),
+                   "--kv-cache-dtype=int8", 1, 2)
+    assert r["2"]["tokens"] == r["1"]["tokens"]
+    for n in ("1", "2"):
+        assert r[n]["cache_dtype"] == "int8"
+        assert r[n]["cache_spec"] == r[n]["cache_expected"]
+    assert r["2"]["cache_shard"][2] * 2 == r["1"]["cache_shard"][2] == 4  # KV heads split

@@ -120,3 +120,25 @@ def test_quantized_models_give_the_same_tokens_on_2_and_4_devices(tiny_model_dir
             assert got["down_codes_shard"][1] * n == got["down_codes_shape"][1]
             if scheme == "Q4_1":  # and its group scales with them
                 assert got["down_scale_shard"][1] * n == 128 // 32
+
+
+@pytest.mark.parametrize("variant,attention", [("llama-gqa", None), ("llama-h12-kv3", None),
+                                               ("llama-gqa", "pallas_splitk_decode")])
+def test_a_quantized_kv_cache_gives_the_same_tokens_on_2_and_4_devices(tiny_model_dir, variant,
+                                                                        attention):
+    # llama-gqa: KV heads split at tp2, one replicated KV head cut per shard at tp4;
+    # llama-h12-kv3: replicated, shards straddling KV groups (a KV head gathered per query head)
+    args = [f"--attention={attention}"] if attention else []
+    r = run_script("quantized_kv_tokens.py", tiny_model(tiny_model_dir, variant), *args,
+                   "tp2", "tp4")
+    kv_heads = {"llama-gqa": 2, "llama-h12-kv3": 3}[variant]
+    for label, dtype in (("int8", "int8"), ("fp8", "float8_e4m3fn")):
+        plain = r[label]["plain"]
+        for name, n in (("tp2", 2), ("tp4", 4)):
+            got = r[label][name]
+            assert got["tokens"] == plain, (label, name)
+            assert got["codes_dtype"] == dtype
+            # codes [L, P, Hkv, ps, D] and scales [L, P, Hkv, ps] split (or not) alike
+            split = kv_heads % n == 0
+            assert got["codes_shard"][2] == got["scale_shard"][2] == (
+                kv_heads // n if split else kv_heads), (label, name)
