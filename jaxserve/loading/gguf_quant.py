@@ -121,8 +121,8 @@ def _decode(b: np.ndarray, kind: str):
         # hi(0:32), hi(32:64)], the top two bits from 32 bytes of qh at shifts 0, 2, 4, 6
         halves = []
         for h in (0, 1):
-            l = ql[..., h * 64:(h + 1) * 64]
-            low = np.concatenate([l & 0xF, l >> 4], axis=-1)
+            lows = ql[..., h * 64:(h + 1) * 64]
+            low = np.concatenate([lows & 0xF, lows >> 4], axis=-1)
             top = _bits(qh[..., h * 32:(h + 1) * 32], (0, 2, 4, 6), 0x3)
             halves.append(low | (top << 4))
         q = np.concatenate(halves, axis=-1).astype(np.int8) - 32
