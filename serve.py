@@ -23,6 +23,7 @@ def engine_config_from(server_config):
         model=server_config.model, dtype=server_config.dtype, seed=server_config.seed,
         attention_backend=backend, linear_backend=server_config.linear_backend,
         quantization=server_config.quantization,
+        quantize_embeddings=server_config.quantize_embeddings,
         speculative=server_config.speculative_config,
         tensor_parallel_size=server_config.tensor_parallel_size,
         sharding_config=server_config.sharding_config,

@@ -180,8 +180,10 @@ class EngineConfig:
     # jaxserve/models/linear.py) or "xla"; None: native where it applies, else xla
     linear_backend: str | None = None
     # weight quantization (--quantization): None keeps the checkpoint's own (a GGUF file's
-    # Q8_0/Q4_0/Q4_1 stay packed, float stays float); see QUANTIZATION_METHODS
+    # blocks stay packed, float stays float); see QUANTIZATION_METHODS
     quantization: str | None = None
+    # int8/fp8 also quantize the embedding table and lm_head (--quantize-embeddings)
+    quantize_embeddings: bool = False
     tensor_parallel_size: int = 1
     sharding_config: str | None = None
     cache: CacheConfig = CacheConfig()
@@ -200,6 +202,10 @@ class EngineConfig:
         if self.quantization not in (None, *QUANTIZATION_METHODS):
             raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}"
                               f", got {self.quantization!r}")
+        if self.quantize_embeddings and self.quantization not in ("int8", "fp8"):
+            raise ConfigError("--quantize-embeddings needs --quantization int8 or fp8 (a packed "
+                              "checkpoint keeps its own embedding format), got "
+                              f"{self.quantization or 'none given'}")
         if self.linear_backend not in (None, "auto", "native", "xla"):
             raise ConfigError(f"--linear-backend must be auto, native or xla, got "
                               f"{self.linear_backend!r}")

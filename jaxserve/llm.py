@@ -62,7 +62,8 @@ def build_engine(config: EngineConfig, *, warmup: bool = True, log=None, loaded=
                               f"as saved (float); quantize from an HF folder or a GGUF file")
         loaded = load_orbax_model(config.model, dtype, shardings=shardings)
     else:
-        loaded = load_model(config.model, dtype=dtype, quantization=config.quantization)
+        loaded = load_model(config.model, dtype=dtype, quantization=config.quantization,
+                            quantize_embeddings=config.quantize_embeddings)
     cfg = loaded.config
     import jax
     config = config.resolved(jax.devices()[0].platform, cfg.max_position_embeddings)
@@ -123,7 +124,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  attention_backend: str | None = None, linear_backend: str | None = None,
                  quantization: str | None = None, kv_cache_dtype: str = "auto",
-                 tensor_parallel_size: int = 1,
+                 quantize_embeddings: bool = False, tensor_parallel_size: int = 1,
                  sharding_config: str | None = None, async_scheduling: bool = True,
                  compilation_cache_dir: str | None | object = "default", warmup: bool = True,
                  speculative_config: dict | None = None):
@@ -133,7 +134,8 @@ class LLM:
         speculative_config: as vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 3,
         "prompt_lookup_max": 4} (engine/speculative.py). quantization: "int8" or "fp8"
         (weight-only, made at load), "gguf" or None (a GGUF file's own blocks kept packed),
-        "none" (dequantize everything at load), as --quantization. kv_cache_dtype: "auto",
+        "none" (dequantize everything at load), as --quantization; quantize_embeddings: int8
+        and fp8 also quantize the embedding table and lm_head. kv_cache_dtype: "auto",
         "int8" or "fp8" (codes with a scale per token and KV head), as --kv-cache-dtype."""
         if model is None:
             from checkpoints.default_model import ensure_default_model
@@ -142,7 +144,8 @@ class LLM:
                      else {"compilation_cache_dir": compilation_cache_dir})
         self.config = EngineConfig(
             model=model, dtype=dtype, seed=seed, attention_backend=attention_backend,
-            linear_backend=linear_backend, quantization=quantization, **cache_dir,
+            linear_backend=linear_backend, quantization=quantization,
+            quantize_embeddings=quantize_embeddings, **cache_dir,
             speculative=speculative_config,
             tensor_parallel_size=tensor_parallel_size, sharding_config=sharding_config,
             cache=CacheConfig(page_size=page_size, num_pages=num_pages,

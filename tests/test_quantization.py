@@ -164,6 +164,30 @@ def test_weight_only_int8_and_fp8_compute_their_dequantized_model(tiny_model_dir
         assert np.abs(got - want).mean() <= mean_err * scale
 
 
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"])  # untied lm_head; tied
+def test_quantize_embeddings_keeps_the_table_with_one_scale_per_token(tiny_model_dir, variant):
+    folder = tiny_model_dir(variant)
+    loaded = load_model(folder, quantization="int8", quantize_embeddings=True)
+    cfg = loaded.config
+    top = [k for k in ("embed", "lm_head") if k in loaded.params]
+    assert top == (["embed"] if cfg.tie_word_embeddings else ["embed", "lm_head"])
+    for key in top:
+        s = loaded.params[key]
+        assert isinstance(s, quant.QuantizedStack) and s.codes.dtype == np.int8
+        assert s.codes.shape == (1, cfg.hidden_size, cfg.vocab_size)
+        assert s.scale.shape == (1, 1, cfg.vocab_size)  # per vocabulary entry
+    twin = _dequantized_copy(loaded)
+    twin.params = dict(twin.params)
+    for key in top:  # float layouts: embed [V, H], lm_head [H, V]
+        w = np.asarray(loaded.params[key].layer_weight(0, jnp.float32))
+        twin.params[key] = w.T if key == "embed" else w
+    tokens, logits = _greedy_and_logits(loaded, PROMPTS)
+    twin_tokens, twin_logits = _greedy_and_logits(twin, PROMPTS)
+    assert tokens == twin_tokens
+    for got, want in zip(logits, twin_logits):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gguf_q8_0_kept_packed_gives_the_dequantized_models_tokens(tmp_path):
     from test_gguf import _hf_tensors, write_gguf
     path = write_gguf(tmp_path / "q8.gguf", _hf_tensors(), qtype=Q.Q8_0)
@@ -194,6 +218,9 @@ def test_bad_quantization_settings_are_config_errors(tiny_model_dir):
         EngineConfig(model="x", quantization="int3")
     with pytest.raises(ModelLoadError, match="not a .gguf file"):
         load_model(tiny_model_dir("llama-gqa"), quantization="gguf")
+    for method in (None, "gguf", "none"):
+        with pytest.raises(ConfigError, match="--quantize-embeddings needs --quantization int8"):
+            EngineConfig(model="x", quantization=method, quantize_embeddings=True)
 
 
 def test_smollm2_q4_1_served_packed_knows_paris(default_model_dir):
@@ -228,16 +255,21 @@ def test_smollm2_int8_and_fp8_against_the_float_model(default_model_dir):
     """Greedy 16-token continuations of 8 prompts and every prompt position's top token, int8
     and fp8 weight-only vs float32. Measured on this model (its float weights are themselves a
     dequantized Q4_1 file): int8 7/8 identical continuations, top tokens 100% equal, largest
-    logit error 3-5% of the largest logit; fp8 (e4m3: 3 mantissa bits) 3/8, 82%, 9-29%."""
+    logit error 3-5% of the largest logit; fp8 (e4m3: 3 mantissa bits) 3/8, 82%, 9-29%;
+    int8 with the embedding table quantized too: 5/8, 100%, 5%."""
     ref = load_model(default_model_dir)
     prompts = [ref.tokenizer(t)["input_ids"] for t in SMOLLM2_TEXTS]
     drv = SingleSequenceDriver(ref, max_len=64)
     ref_tokens = [drv.greedy(p, 16) for p in prompts]
     ref_logits = [drv.prompt_logits(p) for p in prompts]
-    for scheme, min_same, min_top1, max_err in (("int8", 6, 0.97, 0.08), ("fp8", 2, 0.7, 0.4)):
-        drv = SingleSequenceDriver(load_model(default_model_dir, quantization=scheme), max_len=64)
+    for scheme, embeddings, min_same, min_top1, max_err in (
+            ("int8", False, 6, 0.97, 0.08), ("fp8", False, 2, 0.7, 0.4),
+            ("int8", True, 4, 0.97, 0.08)):
+        drv = SingleSequenceDriver(load_model(default_model_dir, quantization=scheme,
+                                              quantize_embeddings=embeddings), max_len=64)
         same = sum(drv.greedy(p, 16) == t for p, t in zip(prompts, ref_tokens))
         logits = [drv.prompt_logits(p) for p in prompts]
         top1 = np.mean([np.mean(a.argmax(-1) == b.argmax(-1)) for a, b in zip(logits, ref_logits)])
         err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(logits, ref_logits))
-        assert same >= min_same and top1 >= min_top1 and err <= max_err, (scheme, same, top1, err)
+        assert same >= min_same and top1 >= min_top1 and err <= max_err, (
+            scheme, embeddings, same, top1, err)

@@ -30,11 +30,12 @@ def _progress(total: int, desc: str):
                 disable=total < 64, leave=False)
 
 
-def load_model(path: str, dtype: str | None = None,
-               quantization: str | None = None) -> LoadedModel:
+def load_model(path: str, dtype: str | None = None, quantization: str | None = None,
+               quantize_embeddings: bool = False) -> LoadedModel:
     """Load an HF folder or a GGUF file; `dtype` overrides the checkpoint's (float32/bfloat16).
-    `quantization` as EngineConfig's: int8/fp8 quantize the layer matrices here, gguf (or None
-    for a .gguf) keeps the file's blocks packed, none dequantizes everything."""
+    `quantization` as EngineConfig's: int8/fp8 quantize the layer matrices here (and the
+    embedding table and lm_head with `quantize_embeddings`), gguf (or None for a .gguf) keeps
+    the file's blocks packed, none dequantizes everything."""
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or folder")
     is_gguf = path.endswith(".gguf") and os.path.isfile(path)
@@ -46,17 +47,18 @@ def load_model(path: str, dtype: str | None = None,
     try:
         if is_gguf:
             return _load_gguf(path, dtype, keep_packed=quantization in (None, "gguf"),
-                              quantize=quantize)
+                              quantize=quantize, quantize_embeddings=quantize_embeddings)
         if os.path.isdir(path):
             return _load_hf_folder(path, dtype, quantize,
-                                   quantization if quantization in ("gptq", "awq") else None)
+                                   quantization if quantization in ("gptq", "awq") else None,
+                                   quantize_embeddings)
     except (ModelConfigError, WeightError) as e:
         raise ModelLoadError(str(e)) from None
     raise ModelLoadError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
 def _load_hf_folder(folder: str, dtype: str | None, quantize: str | None,
-                    expected_method: str | None) -> LoadedModel:
+                    expected_method: str | None, quantize_embeddings: bool) -> LoadedModel:
     from jaxserve.loading.hf import SafetensorsFolder, load_tokenizer
     from jaxserve.loading.hf_quant import QuantConfigError, parse_quant_config, quantized_getter
 
@@ -77,7 +79,7 @@ def _load_hf_folder(folder: str, dtype: str | None, quantize: str | None,
     with _progress(len(required_hf_tensors(config)), f"loading {os.path.basename(folder)}") as bar:
         try:
             params = params_from_hf(config, get, folder, on_tensor=lambda _: bar.update(),
-                                    quantize=quantize)
+                                    quantize=quantize, quantize_embeddings=quantize_embeddings)
         except QuantConfigError as e:
             raise ModelLoadError(str(e)) from None
     return LoadedModel(config=config, params=params, tokenizer=load_tokenizer(folder), source=folder)
@@ -90,9 +92,10 @@ def _quantization_config(folder: str) -> dict | None:
 
 
 def _load_gguf(path: str, dtype: str | None, keep_packed: bool,
-               quantize: str | None) -> LoadedModel:
+               quantize: str | None, quantize_embeddings: bool) -> LoadedModel:
     from jaxserve.loading.gguf import load_gguf
 
     g = load_gguf(path, dtype=dtype, keep_packed=keep_packed)
-    params = params_from_hf(g.config, g.tensors.get, path, quantize=quantize)
+    params = params_from_hf(g.config, g.tensors.get, path, quantize=quantize,
+                            quantize_embeddings=quantize_embeddings)
     return LoadedModel(config=g.config, params=params, tokenizer=g.tokenizer, source=path)

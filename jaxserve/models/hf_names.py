@@ -56,7 +56,7 @@ def required_hf_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
-                   quantize: str | None = None) -> dict:
+                   quantize: str | None = None, quantize_embeddings: bool = False) -> dict:
     """Build the numpy param pytree, reading tensors by HF name through `get_tensor(name)`.
 
     `get_tensor` returns a numpy array, a quant.HFQuantized (a checkpoint kept packed), or
@@ -65,7 +65,8 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
     become QuantizedStacks; so do float ones with `quantize` ("int8"/"fp8", made here; a
     packed one is first dequantized); quantize="none" dequantizes packed ones. A packed
     embedding table and lm_head stay packed too (QuantizedStack [1, H, V]) unless `quantize`
-    is given; int8/fp8 leave them float.
+    is given; int8/fp8 leave them float unless `quantize_embeddings` (then one scale per
+    vocabulary entry: per output channel of the lm_head, per row of the table).
     """
     np_dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[cfg.dtype]
     if np_dtype == "bfloat16":
@@ -89,8 +90,10 @@ def params_from_hf(cfg: ModelConfig, get_tensor, source: str, on_tensor=None,
                 # the embedding table / lm_head [V, H] kept packed, as one [1, H, V] stack
                 return quant.stack_quantized([arr])
             arr = arr.dequantize()
-        if matrix and quantize in quant.LOAD_TIME_SCHEMES:
-            return quant.quantize(arr, quantize)
+        if quantize in quant.LOAD_TIME_SCHEMES and (
+                matrix or (quantize_embeddings and name in _PACKED_TOP)):
+            q = quant.quantize(arr, quantize)
+            return q if matrix else quant.stack_quantized([q])
         arr = arr.T if transpose else arr
         return np.ascontiguousarray(arr.astype(np_dtype))
 

@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(DTYPES)} (aliases half, float, bf16, fp16, fp32).")
     m.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS, default=None,
                    help="Weight quantization: int8 / fp8 (weight-only, per output channel, "
-                   "made at load from float weights), gguf (a GGUF file's Q8_0/Q4_0/Q4_1 "
-                   "blocks kept packed: the default for .gguf), none (dequantize at load). "
+                   "made at load from float weights), gguf (a GGUF file's blocks, Q4_0..Q8_0 "
+                   "and the K-quants, kept packed: the default for .gguf), gptq / awq (an "
+                   "HF folder's quantization_config), none (dequantize at load). "
                    "Default: the checkpoint's own.")
+    m.add_argument("--quantize-embeddings", action="store_true",
+                   help="With --quantization int8 or fp8: also quantize the embedding table "
+                   "and lm_head (one scale per vocabulary entry); by default they stay float.")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + output). Default: the model's limit.")
     m.add_argument("--seed", type=int, default=d.seed, help="Seed of the sampling RNG.")

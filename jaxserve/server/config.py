@@ -58,6 +58,7 @@ class ServerConfig:
     attention_backend: str = "auto"
     linear_backend: str = "auto"
     quantization: str | None = None  # checked by EngineConfig (QUANTIZATION_METHODS)
+    quantize_embeddings: bool = False
     kv_cache_dtype: str = "auto"  # checked by CacheConfig (KV_CACHE_DTYPES)
     shutdown_timeout: float = 30.0
     max_request_body_bytes: int = 16 * 1024 * 1024

@@ -196,3 +196,15 @@ def test_a_setting_the_engine_refuses_is_one_line_not_a_traceback(tiny_model_dir
     assert r.returncode == 1, r.stderr[-2000:]
     assert "jaxserve: error: --linear-backend native: it takes float32 weights" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_quantization_flags_reach_the_engine_config():
+    import serve
+    from jaxserve.config import ConfigError as EngineConfigError
+    c = parse_server_config(["--quantization", "int8", "--quantize-embeddings",
+                             "--kv-cache-dtype", "fp8"])
+    e = serve.engine_config_from(c)
+    assert e.quantization == "int8" and e.quantize_embeddings
+    assert e.cache.kv_cache_dtype == "fp8"
+    with pytest.raises(EngineConfigError, match="--quantize-embeddings needs"):
+        serve.engine_config_from(parse_server_config(["--quantize-embeddings"]))
