@@ -117,10 +117,13 @@ def load_kv_block(k_ref, v_ref, pages_ref, layer, seq, head, start, stop, *, blo
     mask = jnp.broadcast_to(live[:, None], (block_kv, head_dim))  # [BK, D]
     if kv_quant.is_quantized(k_ref):  # dequantize on load: codes * the token's scale
         sidx = (layer, page, head, within)  # [BK]
-        k = (plgpu.load(k_ref.codes.at[idx], mask=mask, other=0).astype(jnp.float32)
-             * plgpu.load(k_ref.scale.at[sidx], mask=live, other=0)[:, None])
-        v = (plgpu.load(v_ref.codes.at[idx], mask=mask, other=0).astype(jnp.float32)
-             * plgpu.load(v_ref.scale.at[sidx], mask=live, other=0)[:, None])
+        # the fill value in the codes' own kind: Triton casts a float constant to fp8 but not
+        # an integer one ("cannot cast i32 to f8E4M3FN" at lowering)
+        zero = 0 if jnp.issubdtype(k_ref.codes.dtype, jnp.integer) else 0.0
+        k = (plgpu.load(k_ref.codes.at[idx], mask=mask, other=zero).astype(jnp.float32)
+             * plgpu.load(k_ref.scale.at[sidx], mask=live, other=0.0)[:, None])
+        v = (plgpu.load(v_ref.codes.at[idx], mask=mask, other=zero).astype(jnp.float32)
+             * plgpu.load(v_ref.scale.at[sidx], mask=live, other=0.0)[:, None])
         return k, v, pos, live
     k = plgpu.load(k_ref.at[idx], mask=mask, other=0)  # [BK, D]
     v = plgpu.load(v_ref.at[idx], mask=mask, other=0)  # [BK, D]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import lowering_check, registry
+from pallas_kernels.kv_quant import QuantizedKV
 from pallas_kernels.problems import make_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -33,15 +34,20 @@ SHAPES = {
 }
 
 
-def _abstract_args(tokens, slots, hq, hkv, d, ps, dtype, pages_per_seq=64, layers=4, pages=512):
+def _abstract_args(tokens, slots, hq, hkv, d, ps, dtype, pages_per_seq=64, layers=4, pages=512,
+                   code_dtype=None):
+    """code_dtype: int8 / float8_e4m3fn for a quantized cache (kv_quant.QuantizedKV)."""
     def spec(shape, dt=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dt)
     cache = spec((layers, pages, hkv, ps, d), dtype)
+    if code_dtype is not None:
+        cache = QuantizedKV(codes=spec(cache.shape, code_dtype),
+                            scale=spec(cache.shape[:-1], jnp.float32))
     return (spec((tokens, hq, d), dtype), cache, cache, spec(()), spec((slots,)),
             spec((slots, pages_per_seq)), spec((slots + 1,)), spec((1,)))
 
 
-def _lower(variant, shape):
+def _lower(variant, shape, code_dtype=None):
     tokens, slots, hq, hkv, d, ps, dtype, soft_cap, window = SHAPES[shape]
     fn = registry.get_attention_fn(variant)
 
@@ -49,7 +55,7 @@ def _lower(variant, shape):
         return fn(*args, sm_scale=d ** -0.5, soft_cap=soft_cap, sliding_window=window)
 
     return lowering_check.lower_for_cuda(attend, *_abstract_args(tokens, slots, hq, hkv, d, ps,
-                                                                 dtype))
+                                                                 dtype, code_dtype=code_dtype))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -61,6 +67,19 @@ def test_lowers_for_cuda_within_triton_rules(variant, shape):
     for kernel in kernels:
         assert lowering_check.ttir_problems(kernel.ttir) == [], kernel.name
         assert kernel.num_warps in (1, 2, 4, 8, 16) and kernel.num_stages >= 1
+
+
+@pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("shape", ["mixed_bf16_d128_g4_cap_window", "decode_bf16_d128_g8",
+                                   "decode_bf16_d64_g3"])
+@pytest.mark.parametrize("variant", PALLAS_VARIANTS)
+def test_quantized_caches_lower_for_cuda_within_triton_rules(variant, shape, code_dtype):
+    # codes and scales are two refs of the kernel, dequantized where a page is loaded
+    text, kernels = _lower(variant, shape, code_dtype)
+    assert kernels and "__gpu$xla.gpu.triton" in text
+    for kernel in kernels:
+        assert lowering_check.ttir_problems(kernel.ttir) == [], kernel.name
+        assert ("i8" if code_dtype == jnp.int8 else "f8E4M3FN") in kernel.ttir, kernel.name
 
 
 def test_splitk_variant_picks_kernel_by_shape():
@@ -106,3 +125,20 @@ def test_matches_reference_on_gpu(variant, case):
     assert np.all(np.isfinite(out)) and np.all(out[problem.num_rows:] == 0)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("variant", PALLAS_VARIANTS)
+def test_quantized_cache_matches_reference_on_gpu(variant, code_dtype):
+    from pallas_kernels import kv_quant
+    q_lens, kv_lens, hq, hkv, d, ps, dtype, extra = GPU_CASES[1]
+    problem = make_problem(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                           page_size=ps, dtype=dtype, **extra)
+    q, k, v, *meta = problem.args
+    k, v = (kv_quant.QuantizedKV(*kv_quant.quantize(c, code_dtype)) for c in (k, v))
+    kwargs = dict(sm_scale=d ** -0.5, soft_cap=30.0, sliding_window=None)
+    ref = np.asarray(registry.get_attention_fn("reference")(q, k, v, *meta, **kwargs), np.float32)
+    out = np.asarray(registry.get_attention_fn(variant)(q, k, v, *meta, **kwargs), np.float32)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2)
