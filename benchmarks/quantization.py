@@ -1,5 +1,7 @@
 """Weight quantization side by side in one run: weight bytes (as the memory plan counts them)
-and output tokens/s of the same model as float32, int8, fp8 and a GGUF Q4_1 file kept packed.
+and output tokens/s of the same model as float32, int8 (layer matrices, and with the
+embedding table too), fp8, a GGUF Q4_1 file kept packed, and float32 weights over an int8 KV
+cache.
 
     python benchmarks/quantization.py                       # SmolLM2 on CPU
     python benchmarks/quantization.py --rounds 3 --json out.json
@@ -22,12 +24,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# variant -> (which checkpoint, LLM keywords)
+VARIANTS = {
+    "float32": ("hf", {}),
+    "int8": ("hf", {"quantization": "int8"}),
+    "int8-emb": ("hf", {"quantization": "int8", "quantize_embeddings": True}),
+    "fp8": ("hf", {"quantization": "fp8"}),
+    "gguf": ("gguf", {}),
+    "kv-int8": ("hf", {"kv_cache_dtype": "int8"}),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="HF folder; 'default' = SmolLM2")
     p.add_argument("--gguf", default=None, help="a 4-bit GGUF of the same model (default: the "
                    "default model's Q4_1 file)")
-    p.add_argument("--variants", nargs="+", default=["float32", "int8", "fp8", "gguf"])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
@@ -47,13 +60,11 @@ def main(argv=None) -> int:
         from checkpoints.default_model import GGUF_NAME, ensure_default_model
         model = ensure_default_model()
         args.gguf = args.gguf or os.path.join(model, GGUF_NAME)
-    sources = {"float32": (model, None), "int8": (model, "int8"), "fp8": (model, "fp8"),
-               "gguf": (args.gguf, None)}
     llms = {}
     for name in args.variants:
-        path, q = sources[name]
-        llms[name] = LLM(path, quantization=q, max_num_seqs=args.max_num_seqs,
-                         max_model_len=args.input_len + args.output_len + 16)
+        source, kwargs = VARIANTS[name]
+        llms[name] = LLM(model if source == "hf" else args.gguf, max_num_seqs=args.max_num_seqs,
+                         max_model_len=args.input_len + args.output_len + 16, **kwargs)
     prompts = random_prompts([args.input_len] * args.num_requests, seed=0)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     rates = {name: [] for name in llms}
@@ -75,7 +86,9 @@ def main(argv=None) -> int:
         same = None if base is None else sum(a == b for a, b in zip(tokens[name], base))
         rows[name] = {"weight_bytes": runner.plan.weight_bytes, "output_tokens_per_s": rate,
                       "rounds": rates[name], "same_tokens_as_float32": same,
-                      "linear_backend": runner.linear_backend}
+                      "linear_backend": runner.linear_backend,
+                      "kv_cache_dtype": runner.plan.kv_cache_dtype,
+                      "num_pages": runner.plan.num_pages}
         ratio = rate / statistics.median(rates["float32"]) if "float32" in rates else float("nan")
         print(f"{name:<10} {runner.plan.weight_bytes / 2**20:>14.1f} {rate:>10.1f} "
               f"{ratio:>10.2f}x {'' if same is None else f'{same}/{len(prompts)}':>12}")

@@ -425,9 +425,13 @@ def test_startup_cold_then_warm_on_the_same_cache(tmp_path, fake_launches):
 def test_quantization_benchmark_smoke(tiny_model_dir, tmp_path):
     out = tmp_path / "quant.json"
     _run("quantization.py", "--model", tiny_model_dir("llama-gqa"), "--variants", "float32",
-         "int8", "--num-requests", "2", "--input-len", "8", "--output-len", "4", "--rounds", "1",
-         "--max-num-seqs", "2", "--json", str(out), timeout=400)
+         "int8", "int8-emb", "kv-int8", "--num-requests", "2", "--input-len", "8",
+         "--output-len", "4", "--rounds", "1", "--max-num-seqs", "2", "--json", str(out),
+         timeout=400)
     rows = json.loads(out.read_text())["results"]
-    assert rows["int8"]["weight_bytes"] < rows["float32"]["weight_bytes"]
+    assert (rows["int8-emb"]["weight_bytes"] < rows["int8"]["weight_bytes"]
+            < rows["float32"]["weight_bytes"] == rows["kv-int8"]["weight_bytes"])
+    assert rows["kv-int8"]["kv_cache_dtype"] == "int8"
+    assert rows["float32"]["kv_cache_dtype"] == "auto"
     assert rows["float32"]["same_tokens_as_float32"] == 2
     assert all(r["output_tokens_per_s"] > 0 for r in rows.values())
