@@ -74,3 +74,47 @@ def packed_matmul(
     rows = x.shape[0] if num_rows is None else num_rows
     return call(x, panels, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32),
                 n_out=np.int64(n_out))
+
+
+# --- quantized weights (native/quantized_matmul.cc) ---------------------------------------------
+
+QUANT_TARGETS = {8: "jaxserve_quantized_matmul8", 4: "jaxserve_quantized_matmul4"}
+_QUANT_SYMBOLS = {8: "JaxserveQuantizedMatmul8", 4: "JaxserveQuantizedMatmul4"}
+
+
+def quantized_unavailable_reason() -> str | None:
+    for bits, target in QUANT_TARGETS.items():
+        reason = native_build.load_target("quantized_matmul.cc", _QUANT_SYMBOLS[bits], target)
+        if reason is not None:
+            return reason
+    return None
+
+
+def quantized_packed_matmul(
+    x,            # f32[M, K]
+    codes,        # s8[L, NP, K, 64] (bits 8) | u8[L, NP, K / 2, 64] (bits 4): pack() of codes
+    scale,        # f32[L, NP, G, 64]: pack() of the [L, G, N] group scales
+    offset,       # f32[L, NP, G, 64] or None
+    layer,        # i32[]
+    num_rows=None,  # i32[] real rows of x, as packed_matmul
+    *,
+    n_out: int,   # N
+    bits: int,    # 8 or 4
+):  # -> f32[M, N] = x @ (scale * codes + offset)[layer] on rows < num_rows, 0 below them
+    L, NP, KC, lanes = codes.shape
+    K, G = x.shape[1], scale.shape[2]
+    if (x.dtype != jnp.float32 or bits not in QUANT_TARGETS or lanes != PANEL
+            or KC * (8 // bits) != K or scale.shape != (L, NP, G, PANEL) or K % G
+            or NP != -(-n_out // PANEL)):
+        raise ValueError(f"quantized_packed_matmul: x {x.shape} {x.dtype}, codes {codes.shape}, "
+                         f"scale {scale.shape}, bits {bits}, n_out {n_out} disagree")
+    reason = quantized_unavailable_reason()
+    if reason is not None:
+        raise native_build.NativeBuildError(f"native quantized matmul unavailable: {reason}")
+    call = jax.ffi.ffi_call(QUANT_TARGETS[bits],
+                            jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32))
+    rows = x.shape[0] if num_rows is None else num_rows
+    return call(x, codes, scale, jnp.zeros((1,), jnp.float32) if offset is None else offset,
+                jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32),
+                n_out=np.int64(n_out), group_rows=np.int64(K // G),
+                has_offset=np.int64(offset is not None))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from jaxserve.config import ConfigError, EngineConfig
 from jaxserve.engine.step_plan import StepPlan, StepSequence, in_flight_ref
-from jaxserve.models.linear import pack_layer_matrices
+from jaxserve.models.linear import native_quantized_form_missing, pack_layer_matrices
 from jaxserve.models.quant import quantized_scheme
 from jaxserve.runner import programs, sampling
 from jaxserve.runner.batch import Buckets, pack_batch
@@ -122,7 +122,8 @@ class ModelRunner:
         dtype = self.params["final_norm"].dtype
         self.linear_backend, note = resolve_linear_backend(
             config.linear_backend, jax.devices()[0].platform, dtype,
-            self.sharding_plan.num_devices, quantized_scheme(self.params))
+            self.sharding_plan.num_devices, quantized_scheme(self.params),
+            native_quantized_form_missing(self.params))
         if note:
             log(note)
         if self.linear_backend == "native":

@@ -1,0 +1,69 @@
+"""The native CPU matmul on quantized panels (pallas_kernels/native/quantized_matmul.cc): int8
+and 4-bit codes with group scales and offsets, against the same QuantizedStack's XLA path and
+numpy."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models import quant
+from jaxserve.models.linear import PackedQuantizedStack, _pack_quantized
+from pallas_kernels import native_matmul
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+def _stack(rng, bits, L, K, N, groups, with_offset):
+    """A QuantizedStack [L, K, N] from random integer codes and scales (via HFQuantized)."""
+    per_layer = []
+    for _ in range(L):
+        codes = (rng.integers(-128, 128, (N, K)).astype(np.int8) if bits == 8
+                 else rng.integers(0, 16, (N, K)).astype(np.uint8))
+        scale = rng.uniform(0.01, 0.1, (N, groups)).astype(np.float16)
+        offset = rng.normal(size=(N, groups)).astype(np.float16) if with_offset else None
+        per_layer.append(quant.HFQuantized(codes, scale, offset, bits))
+    return quant.stack_quantized(per_layer), per_layer
+
+
+# rows cover every 6-row register-tile remainder; N a partial last panel; group sizes from one
+# group per column (int8 per channel) to GGUF's 32 and K-quants' 16
+@pytest.mark.parametrize("rows", [1, 5, 7, 13, 40])
+@pytest.mark.parametrize("bits,K,N,groups,with_offset", [
+    (8, 96, 200, 1, False), (8, 96, 64, 3, True), (4, 96, 130, 3, True), (4, 64, 64, 4, False)])
+def test_matches_numpy_and_the_xla_path_for_every_layer(rows, bits, K, N, groups, with_offset):
+    rng = np.random.default_rng(rows * 100 + N + bits)
+    stack, per_layer = _stack(rng, bits, 3, K, N, groups, with_offset)
+    packed = _pack_quantized(jax.tree.map(jnp.asarray, stack))
+    assert isinstance(packed, PackedQuantizedStack) and packed.codes.shape == (
+        3, -(-N // 64), K * bits // 8, 64)
+    x = jnp.asarray(rng.standard_normal((rows, K)).astype(np.float32))
+    real = max(rows - 2, 1)  # the last rows are bucket padding: zero out, never computed
+
+    @jax.jit
+    def native(x, codes, scale, offset, layer):
+        return native_matmul.quantized_packed_matmul(x, codes, scale, offset, layer, real,
+                                                     n_out=N, bits=bits)
+
+    for layer in range(3):
+        got = np.asarray(native(x, packed.codes, packed.scale, packed.offset, layer))
+        want = np.asarray(x) @ per_layer[layer].dequantize().T
+        xla = np.asarray(stack.matmul(x, layer))
+        np.testing.assert_allclose(got[:real], want[:real], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got[:real], xla[:real], rtol=1e-4, atol=1e-3)
+        assert not got[real:].any()
+
+
+def test_bad_shapes_are_refused_before_the_call():
+    x = jnp.zeros((4, 64), jnp.float32)
+    codes = jnp.zeros((1, 1, 64, 64), jnp.int8)
+    scale = jnp.zeros((1, 1, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="disagree"):  # 4-bit codes hold K / 2 rows
+        native_matmul.quantized_packed_matmul(x, codes, scale, None, 0, n_out=64, bits=4)
+    with pytest.raises(ValueError, match="disagree"):  # 3 groups do not divide K = 64
+        native_matmul.quantized_packed_matmul(x, codes, jnp.zeros((1, 1, 3, 64)), None, 0,
+                                              n_out=64, bits=8)
