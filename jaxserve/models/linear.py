@@ -37,6 +37,29 @@ class PackedQuantizedStack:
     bits: int = struct.field(pytree_node=False)
     n_out: int = struct.field(pytree_node=False)  # N
 
+    def matmul(self, x, layer, num_rows=None):  # x f32[T, K] -> f32[T, N]
+        from pallas_kernels.native_matmul import quantized_packed_matmul
+        return quantized_packed_matmul(x, self.codes, self.scale, self.offset, layer, num_rows,
+                                       n_out=self.n_out, bits=self.bits)
+
+    def gather_columns(self, ids, dtype):  # ids i32[T] -> [T, K]: W[0][:, ids].T
+        """An embedding lookup in a packed [1, H, V] table: column v lies in panel v // 64 at
+        lane v % 64, so each token's codes and group scales are one strided gather."""
+        ids = jnp.clip(ids, 0, self.n_out - 1)  # as jnp's gather clamps: never a padding lane
+        panel, lane = ids // 64, ids % 64
+        codes = self.codes[0, panel, :, lane]                  # [T, K or K / 2]
+        if self.bits == 4:  # byte i: input rows 2i (low nibble) and 2i + 1 (high)
+            codes = jnp.stack([codes & 0xF, codes >> 4], axis=-1).reshape(ids.shape[0], -1)
+        group_rows = codes.shape[1] // self.scale.shape[2]
+        w = codes.astype(jnp.float32) * jnp.repeat(self.scale[0, panel, :, lane], group_rows, 1)
+        if self.offset is not None:
+            w = w + jnp.repeat(self.offset[0, panel, :, lane], group_rows, 1)
+        return w.astype(dtype)
+
+
+def _native_form(w: QuantizedStack) -> bool:
+    return w.g_idx is None and w.codes.dtype in (jnp.int8, jnp.uint8)
+
 
 def native_quantized_form_missing(params: dict) -> str | None:
     """Why some quantized layer matrix cannot take the native quantized matmul, or None."""
@@ -46,7 +69,7 @@ def native_quantized_form_missing(params: dict) -> str | None:
             continue
         if w.g_idx is not None:
             return f"{name} has GPTQ act-order groups (g_idx)"
-        if w.codes.dtype not in (jnp.int8, jnp.uint8):
+        if not _native_form(w):
             return f"{name} has {w.codes.dtype} codes"
     return None
 
@@ -63,9 +86,16 @@ def _pack_quantized(w: QuantizedStack) -> PackedQuantizedStack:
 
 def pack_layer_matrices(params: dict) -> dict:
     """params with every layer matrix stack packed for the native matmuls: float32 ones and
-    quantized ones (see native_quantized_form_missing for which)."""
+    quantized ones (see native_quantized_form_missing for which); a quantized embedding table
+    or lm_head [1, H, V] with a native form is packed too (the logits' matmul is then native,
+    the lookup gathers from the panels)."""
     from pallas_kernels.native_matmul import pack
 
+    params = dict(params)
+    for name in ("embed", "lm_head"):
+        w = params.get(name)
+        if isinstance(w, QuantizedStack) and _native_form(w):
+            params[name] = _pack_quantized(w)
     layers = dict(params["layers"])
     for name in LAYER_MATRICES:
         w = layers[name]  # [L, K, N]
@@ -97,13 +127,10 @@ class LayerWeights:
             return x @ self._sliced[name]
         if isinstance(stack, QuantizedStack):
             return stack.matmul(x, self._layer)
-        from pallas_kernels import native_matmul
         if isinstance(stack, PackedQuantizedStack):
-            return native_matmul.quantized_packed_matmul(
-                x, stack.codes, stack.scale, stack.offset, self._layer, self._num_rows,
-                n_out=stack.n_out, bits=stack.bits)
-        return native_matmul.packed_matmul(x, stack.panels, self._layer, self._num_rows,
-                                           n_out=stack.n_out)
+            return stack.matmul(x, self._layer, self._num_rows)
+        from pallas_kernels.native_matmul import packed_matmul
+        return packed_matmul(x, stack.panels, self._layer, self._num_rows, n_out=stack.n_out)
 
 
 def split_layers(layers: dict) -> tuple[dict, dict]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxserve.models.batch import ForwardBatch, KVCache
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.linear import LayerWeights, split_layers
+from jaxserve.models.linear import LayerWeights, PackedQuantizedStack, split_layers
 from jaxserve.models.quant import QuantizedStack
 from pallas_kernels import kv_quant
 from jaxserve.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -105,8 +105,10 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
     Returns (new kv_cache, logits f32[N, V]) for the rows in batch.logits_indices.
     """
     dtype = params["final_norm"].dtype
-    embed = params["embed"]  # [V, H], or a QuantizedStack [1, H, V] (a GGUF's packed table)
-    if isinstance(embed, QuantizedStack):
+    # [V, H], or a QuantizedStack [1, H, V] (a packed GGUF table, --quantize-embeddings), or
+    # that stack in the native matmul's panels (linear.PackedQuantizedStack)
+    embed = params["embed"]
+    if isinstance(embed, (QuantizedStack, PackedQuantizedStack)):
         h = embed.gather_columns(batch.token_ids, dtype)  # [T, H]
     else:
         h = embed[batch.token_ids]  # [T, H]
@@ -133,7 +135,7 @@ def forward(params: dict, kv_cache: KVCache, batch: ForwardBatch, *, cfg: ModelC
     h = h[batch.logits_indices]  # [N, H]
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     head = embed if cfg.tie_word_embeddings else params["lm_head"]
-    if isinstance(head, QuantizedStack):  # [1, H, V], dequantized inside the dot
+    if isinstance(head, (QuantizedStack, PackedQuantizedStack)):  # dequantized in the dot
         return KVCache(k=k_cache, v=v_cache), head.matmul(h, 0).astype(jnp.float32)
     lm_head = head.T if cfg.tie_word_embeddings else head
     logits = jnp.dot(h, lm_head, preferred_element_type=jnp.float32)  # [N, V]

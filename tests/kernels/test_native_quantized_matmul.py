@@ -67,3 +67,15 @@ def test_bad_shapes_are_refused_before_the_call():
     with pytest.raises(ValueError, match="disagree"):  # 3 groups do not divide K = 64
         native_matmul.quantized_packed_matmul(x, codes, jnp.zeros((1, 1, 3, 64)), None, 0,
                                               n_out=64, bits=8)
+
+
+@pytest.mark.parametrize("bits,groups,with_offset", [(8, 1, False), (8, 2, False), (4, 2, True)])
+def test_an_embedding_lookup_in_the_panels_equals_the_stacks(bits, groups, with_offset):
+    # a [1, H, V] table with V = 100: a partial last panel, whose padding lanes a token id at
+    # or past V must never read (jnp's gather clamps it to V - 1)
+    stack, _ = _stack(np.random.default_rng(bits), bits, 1, 64, 100, groups, with_offset)
+    stack = jax.tree.map(jnp.asarray, stack)
+    packed = _pack_quantized(stack)
+    ids = jnp.asarray([0, 63, 64, 99, 100, 130], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(packed.gather_columns(ids, jnp.float32)),
+                                  np.asarray(stack.gather_columns(ids, jnp.float32)))
