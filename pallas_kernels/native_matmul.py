@@ -12,6 +12,8 @@ so each panel is one contiguous K x 64 stream, read from memory once per call; r
 32 rows 101 -> 55 ms, 8 rows 52 -> 29 ms, 512 rows 602 vs 617 ms (XLA's dot on copies vs this).
 
 float32 only (other dtypes keep XLA's dot). The source is built on first use, see native_build.
+`quantized_packed_matmul` is the same map over int8, fp8 or 4-bit codes with group scales
+(native/quantized_matmul.cc), in the same panels.
 """
 
 from __future__ import annotations
@@ -78,13 +80,18 @@ def packed_matmul(
 
 # --- quantized weights (native/quantized_matmul.cc) ---------------------------------------------
 
-QUANT_TARGETS = {8: "jaxserve_quantized_matmul8", 4: "jaxserve_quantized_matmul4"}
-_QUANT_SYMBOLS = {8: "JaxserveQuantizedMatmul8", 4: "JaxserveQuantizedMatmul4"}
+# codes dtype -> (FFI target, handler symbol): int8, 4-bit pairs in uint8, float8 e4m3fn
+_QUANT_KERNELS = {
+    jnp.dtype(jnp.int8): ("jaxserve_quantized_matmul_s8", "JaxserveQuantizedMatmulS8"),
+    jnp.dtype(jnp.uint8): ("jaxserve_quantized_matmul_u4", "JaxserveQuantizedMatmulU4"),
+    jnp.dtype(jnp.float8_e4m3fn): ("jaxserve_quantized_matmul_f8", "JaxserveQuantizedMatmulF8"),
+}
+QUANT_CODE_DTYPES = tuple(_QUANT_KERNELS)
 
 
 def quantized_unavailable_reason() -> str | None:
-    for bits, target in QUANT_TARGETS.items():
-        reason = native_build.load_target("quantized_matmul.cc", _QUANT_SYMBOLS[bits], target)
+    for target, symbol in _QUANT_KERNELS.values():
+        reason = native_build.load_target("quantized_matmul.cc", symbol, target)
         if reason is not None:
             return reason
     return None
@@ -92,18 +99,20 @@ def quantized_unavailable_reason() -> str | None:
 
 def quantized_packed_matmul(
     x,            # f32[M, K]
-    codes,        # s8[L, NP, K, 64] (bits 8) | u8[L, NP, K / 2, 64] (bits 4): pack() of codes
+    codes,        # s8 | f8e4m3fn [L, NP, K, 64], or u8[L, NP, K / 2, 64] (4-bit): pack()ed
     scale,        # f32[L, NP, G, 64]: pack() of the [L, G, N] group scales
     offset,       # f32[L, NP, G, 64] or None
     layer,        # i32[]
     num_rows=None,  # i32[] real rows of x, as packed_matmul
     *,
     n_out: int,   # N
-    bits: int,    # 8 or 4
+    bits: int,    # 8 or 4 (then codes are uint8)
 ):  # -> f32[M, N] = x @ (scale * codes + offset)[layer] on rows < num_rows, 0 below them
     L, NP, KC, lanes = codes.shape
     K, G = x.shape[1], scale.shape[2]
-    if (x.dtype != jnp.float32 or bits not in QUANT_TARGETS or lanes != PANEL
+    kernel = _QUANT_KERNELS.get(jnp.dtype(codes.dtype))
+    if (x.dtype != jnp.float32 or kernel is None or (bits == 4) != (codes.dtype == jnp.uint8)
+            or bits not in (4, 8) or lanes != PANEL
             or KC * (8 // bits) != K or scale.shape != (L, NP, G, PANEL) or K % G
             or NP != -(-n_out // PANEL)):
         raise ValueError(f"quantized_packed_matmul: x {x.shape} {x.dtype}, codes {codes.shape}, "
@@ -111,8 +120,7 @@ def quantized_packed_matmul(
     reason = quantized_unavailable_reason()
     if reason is not None:
         raise native_build.NativeBuildError(f"native quantized matmul unavailable: {reason}")
-    call = jax.ffi.ffi_call(QUANT_TARGETS[bits],
-                            jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32))
+    call = jax.ffi.ffi_call(kernel[0], jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32))
     rows = x.shape[0] if num_rows is None else num_rows
     return call(x, codes, scale, jnp.zeros((1,), jnp.float32) if offset is None else offset,
                 jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32),

@@ -73,8 +73,8 @@ def test_quantized_weights_take_the_native_matmul_where_they_have_a_native_form(
 
 
 def _quantized_models(tiny_model_dir, tmp_path):
-    """name -> LoadedModel: int8 made at load, and GGUF files kept packed (Q8_0, Q4_1, and a
-    Q4_K_M-like mix of K-quants and 5-bit types)."""
+    """name -> LoadedModel: int8 and fp8 made at load, and GGUF files kept packed (Q8_0, Q4_1,
+    and a Q4_K_M-like mix of K-quants and 5-bit types)."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
     from jaxserve.loading import load_model
@@ -82,6 +82,7 @@ def _quantized_models(tiny_model_dir, tmp_path):
     from test_gguf_kquants import _write_kquant_gguf
     from test_quantization import load_model_weights
     models = {"int8": load_model(tiny_model_dir("llama-gqa"), quantization="int8"),
+              "fp8": load_model(tiny_model_dir("llama-gqa"), quantization="fp8"),
               "int8-emb": load_model(tiny_model_dir("qwen2"), quantization="int8",
                                      quantize_embeddings=True)}  # tied: embed only
     for qtype in (Q.Q8_0, Q.Q4_1):
@@ -106,7 +107,8 @@ def test_native_quantized_matmul_computes_what_xla_computes(tiny_model_dir, tmp_
         # a packed GGUF's embedding table (and lm_head) take the panels too
         top = [k for k in ("embed", "lm_head") if isinstance(native.params.get(k),
                                                               PackedQuantizedStack)]
-        assert top == {"int8": [], "int8-emb": ["embed"]}.get(name, ["embed", "lm_head"]), name
+        assert top == {"int8": [], "fp8": [], "int8-emb": ["embed"]}.get(
+            name, ["embed", "lm_head"]), name
         for p in PROMPTS[:2]:
             p = [t % 64 for t in p]  # inside every vocabulary here (the K-quant model's: 64)
             assert native.greedy(p, 6) == xla.greedy(p, 6), name

@@ -31,7 +31,7 @@ class PackedStack:
 @struct.dataclass
 class PackedQuantizedStack:
     """A QuantizedStack [L, K, N] as the native quantized matmul stores it."""
-    codes: jax.Array                  # s8[L, NP, K, 64] or u8[L, NP, K / 2, 64] (4-bit)
+    codes: jax.Array                  # s8 | f8e4m3fn [L, NP, K, 64], u8[L, NP, K / 2, 64] (4-bit)
     scale: jax.Array                  # f32[L, NP, G, 64]
     offset: jax.Array | None          # f32[L, NP, G, 64] or None
     bits: int = struct.field(pytree_node=False)
@@ -58,7 +58,8 @@ class PackedQuantizedStack:
 
 
 def _native_form(w: QuantizedStack) -> bool:
-    return w.g_idx is None and w.codes.dtype in (jnp.int8, jnp.uint8)
+    from pallas_kernels.native_matmul import QUANT_CODE_DTYPES
+    return w.g_idx is None and w.codes.dtype in QUANT_CODE_DTYPES
 
 
 def native_quantized_form_missing(params: dict) -> str | None:

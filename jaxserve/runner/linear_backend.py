@@ -1,7 +1,7 @@
 """Which path the layers' matmuls take (EngineConfig.linear_backend), decided once per runner.
 
 "native" (pallas_kernels/native/packed_matmul.cc on 64-column panels, and quantized_matmul.cc
-on int8 or 4-bit codes in the same panels; see models/linear.py) applies on CPU, to float32
+on int8, fp8 or 4-bit codes in the same panels; see models/linear.py) applies on CPU, to float32
 compute on one device: the kernels are plain XLA:CPU custom calls, so they have no sharding
 rule for a mesh, and they compute in float32 only. Everything else is "xla".
 """

@@ -1,6 +1,6 @@
-"""The native CPU matmul on quantized panels (pallas_kernels/native/quantized_matmul.cc): int8
-and 4-bit codes with group scales and offsets, against the same QuantizedStack's XLA path and
-numpy."""
+"""The native CPU matmul on quantized panels (pallas_kernels/native/quantized_matmul.cc): int8,
+float8 e4m3fn and 4-bit codes with group scales and offsets, against the same QuantizedStack's
+XLA path and numpy."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,15 +19,27 @@ from pallas_kernels import native_matmul
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
 
+FP8 = ml_dtypes.float8_e4m3fn
+
+
+def _fp8_codes(rng, shape):
+    """Random finite e4m3fn codes: every byte but the two NaNs, subnormals included."""
+    b = rng.integers(0, 256, shape).astype(np.uint8)
+    b[(b & 0x7F) == 0x7F] = 0x7E
+    return b.view(FP8)
+
+
 def _stack(rng, bits, L, K, N, groups, with_offset):
-    """A QuantizedStack [L, K, N] from random integer codes and scales (via HFQuantized)."""
+    """A QuantizedStack [L, K, N] from random codes and scales (via HFQuantized); bits "fp8"
+    for float8 codes."""
     per_layer = []
     for _ in range(L):
         codes = (rng.integers(-128, 128, (N, K)).astype(np.int8) if bits == 8
+                 else _fp8_codes(rng, (N, K)) if bits == "fp8"
                  else rng.integers(0, 16, (N, K)).astype(np.uint8))
         scale = rng.uniform(0.01, 0.1, (N, groups)).astype(np.float16)
         offset = rng.normal(size=(N, groups)).astype(np.float16) if with_offset else None
-        per_layer.append(quant.HFQuantized(codes, scale, offset, bits))
+        per_layer.append(quant.HFQuantized(codes, scale, offset, 8 if bits == "fp8" else bits))
     return quant.stack_quantized(per_layer), per_layer
 
 
@@ -34,20 +47,21 @@ def _stack(rng, bits, L, K, N, groups, with_offset):
 # group per column (int8 per channel) to GGUF's 32 and K-quants' 16
 @pytest.mark.parametrize("rows", [1, 5, 7, 13, 40])
 @pytest.mark.parametrize("bits,K,N,groups,with_offset", [
-    (8, 96, 200, 1, False), (8, 96, 64, 3, True), (4, 96, 130, 3, True), (4, 64, 64, 4, False)])
+    (8, 96, 200, 1, False), (8, 96, 64, 3, True), (4, 96, 130, 3, True), (4, 64, 64, 4, False),
+    ("fp8", 96, 130, 1, False), ("fp8", 64, 64, 2, True)])
 def test_matches_numpy_and_the_xla_path_for_every_layer(rows, bits, K, N, groups, with_offset):
-    rng = np.random.default_rng(rows * 100 + N + bits)
+    rng = np.random.default_rng(rows * 100 + N + K)
     stack, per_layer = _stack(rng, bits, 3, K, N, groups, with_offset)
     packed = _pack_quantized(jax.tree.map(jnp.asarray, stack))
     assert isinstance(packed, PackedQuantizedStack) and packed.codes.shape == (
-        3, -(-N // 64), K * bits // 8, 64)
+        3, -(-N // 64), K // 2 if bits == 4 else K, 64)
     x = jnp.asarray(rng.standard_normal((rows, K)).astype(np.float32))
     real = max(rows - 2, 1)  # the last rows are bucket padding: zero out, never computed
 
     @jax.jit
     def native(x, codes, scale, offset, layer):
         return native_matmul.quantized_packed_matmul(x, codes, scale, offset, layer, real,
-                                                     n_out=N, bits=bits)
+                                                     n_out=N, bits=packed.bits)
 
     for layer in range(3):
         got = np.asarray(native(x, packed.codes, packed.scale, packed.offset, layer))
@@ -79,3 +93,19 @@ def test_an_embedding_lookup_in_the_panels_equals_the_stacks(bits, groups, with_
     ids = jnp.asarray([0, 63, 64, 99, 100, 130], jnp.int32)
     np.testing.assert_array_equal(np.asarray(packed.gather_columns(ids, jnp.float32)),
                                   np.asarray(stack.gather_columns(ids, jnp.float32)))
+
+
+def test_every_finite_fp8_code_converts_exactly():
+    # one-hot rows of x pick out single dequantized weights: all 254 finite e4m3fn codes, their
+    # subnormals and +-448 included, must come back as the exact floats ml_dtypes gives
+    codes = np.arange(256, dtype=np.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].view(FP8)                  # [254]
+    K = 256
+    w = np.zeros((1, K, 64), FP8)
+    w[0, :254, 0] = codes
+    stack = quant.QuantizedStack(codes=jnp.asarray(w), scale=jnp.ones((1, 1, 64), jnp.float32),
+                                 offset=None, g_idx=None, bits=8, n_in=K, scheme="fp8")
+    packed = _pack_quantized(stack)
+    got = native_matmul.quantized_packed_matmul(jnp.eye(K, dtype=jnp.float32), packed.codes,
+                                                packed.scale, None, 0, n_out=64, bits=8)
+    np.testing.assert_array_equal(np.asarray(got)[:254, 0], codes.astype(np.float32))
