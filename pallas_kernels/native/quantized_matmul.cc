@@ -6,10 +6,11 @@
 // step than float32 ones. Here each panel's codes are streamed from memory once (1 byte per
 // weight, or half a byte for 4-bit). Up to one register tile of rows (6) they are dequantized
 // in registers and multiplied at once; with more rows, into a per-thread float scratch panel
-// that stays in L2 and is read by the register tiles of panel_tile.h. A 30-layer scan of a
-// 576 x 1536 matrix on the 2-core dev machine, float32 panels vs int8 codes: 1 row 3.3 vs
-// 1.1 ms, 16 rows 5.6 vs 4.9, 64 rows 10.6 vs 10.5, 256 rows 32.8 vs 34.8 (4-bit: 1.5, 4.7,
-// 10.1, 36.6; XLA's dot on the int8 stack: 3.0, 7.2, 12.3, 45.1).
+// that stays in L2 and is read by the register tiles of panel_tile.h. benchmarks/
+// quantized_matmul.py (a 30-layer scan of 576 x 1536 on the 2-core dev machine), ms at
+// 1 / 16 / 64 / 256 rows: float32 panels 3.1 / 4.8 / 14.1 / 39.0, int8 1.2 / 5.0 / 14.6 /
+// 37.8, fp8 2.9 / 6.3 / 13.1 / 39.9, 4-bit 1.4 / 4.7 / 12.8 / 40.9; XLA's dot on the int8
+// stack 3.3 / 7.0 / 24.9 / 52.6.
 //
 //   x       [M, K]            f32
 //   codes   [L, NP, KC, 64]   s8 or f8e4m3fn (KC = K), or u8 (4-bit: KC = K / 2, byte row i
@@ -21,6 +22,7 @@
 //   -> out  [M, N]            f32; attrs n_out = N, group_rows = K / G
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -80,7 +82,24 @@ inline vfloat load_s8_as_float(const uint8_t* p) {
 
 // 16 float8 e4m3fn codes -> floats, exactly: sign, 4 exponent bits (bias 7), 3 mantissa bits;
 // exponent 0 is subnormal (m * 2^-9), S.1111.111 is NaN, and there are no infinities.
+// With AVX-512 the code's bits shifted into a float16 (exponent bias 15) are the value / 2^8,
+// subnormals included, and vcvtph2ps converts them (unaffected by denormals-are-zero); the bit
+// arithmetic below is the portable way (about twice the instructions).
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
 inline vfloat fp8_to_float(vu8 bytes) {
+#if defined(__AVX512F__)
+  const vu16 u = __builtin_convertvector(bytes, vu16);
+  const vu16 half = ((u & 0x7F) << 7) | ((u & 0x80) << 8);
+  __m256i h;
+  std::memcpy(&h, &half, sizeof h);
+  const __m512 f = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(
+      _mm512_and_si512(_mm512_cvtepu8_epi32(reinterpret_cast<__m128i>(bytes)),
+                       _mm512_set1_epi32(0x7F)),
+      _mm512_set1_epi32(0x7F));
+  return reinterpret_cast<vfloat>(_mm512_mask_mov_ps(f, nan, _mm512_set1_ps(NAN)));
+#else
   const vi32 u = __builtin_convertvector(bytes, vi32);
   const vi32 sign = (u & 0x80) << 24, e = (u >> 3) & 0xF, m = u & 0x7;
   const vi32 normal = sign | ((e + (127 - 7)) << 23) | (m << 20);
@@ -94,6 +113,7 @@ inline vfloat fp8_to_float(vu8 bytes) {
   vfloat out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
+#endif
 }
 
 // Calls row(k, b) for every input row k of one panel in order, b[kVecs] its 64 weights
