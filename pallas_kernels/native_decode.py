@@ -19,16 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import native_build
+from pallas_kernels import kv_quant, native_build
 from pallas_kernels.native_build import NativeBuildError  # noqa: F401  (re-exported)
 from pallas_kernels.reference import check_operands
 
 TARGET = "jaxserve_paged_decode"
+QUANTIZED_TARGET = "jaxserve_paged_decode_quantized"  # a kv_quant.QuantizedKV cache
+CODE_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def _load() -> str | None:
-    """Build, load and register the FFI target; None on success, else the reason it failed."""
-    return native_build.load_target("paged_decode.cc", "JaxservePagedDecode", TARGET)
+    """Build, load and register the FFI targets; None on success, else the reason it failed."""
+    return (native_build.load_target("paged_decode.cc", "JaxservePagedDecode", TARGET)
+            or native_build.load_target("paged_decode.cc", "JaxservePagedDecodeQuantized",
+                                        QUANTIZED_TARGET))
 
 
 def unavailable_reason() -> str | None:
@@ -42,8 +46,8 @@ def is_available() -> bool:
 
 def paged_decode(
     q,             # [T, Hq, D]  f32 or bf16
-    k_cache,       # [L, P, Hkv, page_size, D]
-    v_cache,       # [L, P, Hkv, page_size, D]
+    k_cache,       # [L, P, Hkv, page_size, D] in q's dtype, or a kv_quant.QuantizedKV of
+    v_cache,       # int8 / float8_e4m3fn codes with their per-token scales
     layer,         # i32[]
     kv_lens,       # i32[S]
     page_indices,  # i32[S, pages_per_seq]
@@ -62,8 +66,15 @@ def paged_decode(
     if reason is not None:
         raise NativeBuildError(f"native decode kernel unavailable: {reason}")
     S = page_indices.shape[0]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((S, *q.shape[1:]), jnp.float32))
+    out = jax.ShapeDtypeStruct((S, *q.shape[1:]), jnp.float32)
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
-    return call(q, k_cache, v_cache, i32(layer), i32(kv_lens), i32(page_indices),
-                i32(cu_q_lens), i32(num_seqs), sm_scale=np.float32(sm_scale),
-                soft_cap=np.float32(soft_cap or 0.0), sliding_window=np.int32(sliding_window or 0))
+    meta = (i32(layer), i32(kv_lens), i32(page_indices), i32(cu_q_lens), i32(num_seqs))
+    attrs = dict(sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0),
+                 sliding_window=np.int32(sliding_window or 0))
+    if kv_quant.is_quantized(k_cache):
+        if jnp.dtype(k_cache.codes.dtype) not in CODE_DTYPES:
+            raise ValueError(f"the native decode kernel reads int8 or float8_e4m3fn codes, got "
+                             f"{k_cache.codes.dtype}")
+        return jax.ffi.ffi_call(QUANTIZED_TARGET, out)(
+            q, k_cache.codes, k_cache.scale, v_cache.codes, v_cache.scale, *meta, **attrs)
+    return jax.ffi.ffi_call(TARGET, out)(q, k_cache, v_cache, *meta, **attrs)

@@ -48,9 +48,11 @@ def _reference(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num
 def _native(q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs, *,
             sm_scale, soft_cap=None, sliding_window=None, interpret: bool = False,
             config: BlockedConfig = BlockedConfig()):
-    # the native kernel reads float32 and bfloat16 caches; others (a quantized cache, float16)
-    # keep the jnp decode loop
-    native = q.dtype in (jnp.float32, jnp.bfloat16) and not kv_quant.is_quantized(k_cache)
+    # the native kernel reads float32 and bfloat16 caches in q's dtype and int8 / fp8
+    # quantized ones; others (float16) keep the jnp decode loop
+    native = q.dtype in (jnp.float32, jnp.bfloat16) and (
+        jnp.dtype(k_cache.codes.dtype) in native_decode.CODE_DTYPES
+        if kv_quant.is_quantized(k_cache) else k_cache.dtype == q.dtype)
     return blocked_paged_attention(
         q, k_cache, v_cache, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret,

@@ -43,6 +43,26 @@ def test_many_decode_slots_match_reference(dtype, tol):
     assert np.all(np.asarray(out[32:]) == 0), "unused slots must be zero"
 
 
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_a_quantized_cache_is_read_as_its_dequantized_floats(code_dtype, q_dtype):
+    from pallas_kernels import kv_quant
+    problem = _decode_problem(jnp.float32)
+    q, k, v, *meta = problem.args
+    k, v = (jnp.nan_to_num(c) for c in (k, v))  # the problem poisons unused pages with NaN
+    quantized = [kv_quant.QuantizedKV(*kv_quant.quantize(c, code_dtype)) for c in (k, v)]
+    floats = [c.codes.astype(jnp.float32) * c.scale[..., None] for c in quantized]
+    kwargs = dict(sm_scale=0.125, soft_cap=20.0, sliding_window=100)
+    q = q.astype(q_dtype)
+    out = jax.jit(functools.partial(native_decode.paged_decode, **kwargs))(q, *quantized, *meta)
+    ref = registry.get_attention_fn("reference")(q.astype(jnp.float32), *floats, *meta,
+                                                 **kwargs)
+    rows = np.asarray(meta[3])[:32]
+    np.testing.assert_allclose(np.asarray(out[:32]), np.asarray(ref[rows]), rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(np.asarray(out[32:]) == 0)
+
+
 def test_prefill_slots_are_left_to_the_caller():
     problem = make_problem([3, 1, 5], [10, 20, 5], num_q_heads=4, num_kv_heads=2, head_dim=64,
                            page_size=8, seed=1)
