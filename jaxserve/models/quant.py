@@ -12,6 +12,13 @@ unsigned codes 0..15 with the zero point folded into the offset (Q4_0: -8 d, Q4_
 AWQ: -scale * zero), two codes per byte along K (k = 2i in the low nibble, 2i + 1 in the high):
 adjacent input rows share a byte, so a row-parallel shard of K is a shard of the packed rows.
 
+Why not Google's qwix: it quantizes Flax Linen/NNX modules by intercepting their dot_generals
+at call time, with its own calibration and parameter format. Our model is a functional forward
+over a stacked [L, ...] params pytree (no modules to intercept), the formats that matter are
+the checkpoints' own packings (GGUF blocks, GPTQ, AWQ) kept bit for bit, and the codes must be
+laid out for the native CPU kernels and the sharding rules; a small explicit form serves all
+three.
+
 `HFQuantized` is one checkpoint tensor in HF layout [out N, in K] as the loaders produce it;
 `params_from_hf` stacks a layer's worth into a `QuantizedStack` [L, K, N], which the layer scan
 reads in place (linear.LayerWeights) and dequantizes one layer at a time: the float weights of
