@@ -100,8 +100,8 @@ def quantized_unavailable_reason() -> str | None:
 def quantized_packed_matmul(
     x,            # f32[M, K]
     codes,        # s8 | f8e4m3fn [L, NP, K, 64], or u8[L, NP, K / 2, 64] (4-bit): pack()ed
-    scale,        # f32[L, NP, G, 64]: pack() of the [L, G, N] group scales
-    offset,       # f32[L, NP, G, 64] or None
+    scale,        # f32 | f16 [L, NP, G, 64]: pack() of the [L, G, N] group scales
+    offset,       # f32 | f16 [L, NP, G, 64] or None
     layer,        # i32[]
     num_rows=None,  # i32[] real rows of x, as packed_matmul
     *,
@@ -114,6 +114,8 @@ def quantized_packed_matmul(
     if (x.dtype != jnp.float32 or kernel is None or (bits == 4) != (codes.dtype == jnp.uint8)
             or bits not in (4, 8) or lanes != PANEL
             or KC * (8 // bits) != K or scale.shape != (L, NP, G, PANEL) or K % G
+            or any(a is not None and a.dtype not in (jnp.float32, jnp.float16)
+                   for a in (scale, offset))
             or NP != -(-n_out // PANEL)):
         raise ValueError(f"quantized_packed_matmul: x {x.shape} {x.dtype}, codes {codes.shape}, "
                          f"scale {scale.shape}, bits {bits}, n_out {n_out} disagree")

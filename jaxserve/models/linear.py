@@ -2,8 +2,8 @@
 matmul on weights stored in 64-column panels (pallas_kernels.native_matmul).
 
 The layout is data, not a flag: `pack_layer_matrices(params)` replaces each [L, K, N] matrix
-stack under params["layers"] with a PackedStack (float32) or a PackedQuantizedStack (int8 or
-4-bit codes with group scales), and the forward routes every matrix so stored to the native
+stack under params["layers"] with a PackedStack (float32) or a PackedQuantizedStack (int8,
+fp8 or 4-bit codes with group scales), and the forward routes every matrix so stored to the native
 kernels, which read the layer's panels in place. Those stacks then stay out of the layer
 scan's sliced inputs (a sliced input is copied per layer on XLA:CPU: 54 of ~180 ms of a 32-row
 SmolLM2 decode step).
@@ -32,8 +32,8 @@ class PackedStack:
 class PackedQuantizedStack:
     """A QuantizedStack [L, K, N] as the native quantized matmul stores it."""
     codes: jax.Array                  # s8 | f8e4m3fn [L, NP, K, 64], u8[L, NP, K / 2, 64] (4-bit)
-    scale: jax.Array                  # f32[L, NP, G, 64]
-    offset: jax.Array | None          # f32[L, NP, G, 64] or None
+    scale: jax.Array                  # f32 | f16 [L, NP, G, 64]
+    offset: jax.Array | None          # f32 | f16 [L, NP, G, 64] or None
     bits: int = struct.field(pytree_node=False)
     n_out: int = struct.field(pytree_node=False)  # N
 
@@ -76,13 +76,17 @@ def native_quantized_form_missing(params: dict) -> str | None:
 
 
 def _pack_quantized(w: QuantizedStack) -> PackedQuantizedStack:
+    """The same codes, scales and offsets in panels, each in its own dtype (float16 scales stay
+    float16: the bytes the memory plan counted are the bytes held)."""
     from pallas_kernels.native_matmul import pack
 
-    as_f32 = jax.jit(lambda a: pack(a.astype(jnp.float32)))
+    def scales(a):  # float16 and float32 as stored; another float (bfloat16) as float32
+        return jax.jit(pack)(a if a.dtype in (jnp.float16, jnp.float32)
+                             else a.astype(jnp.float32))
+
     return PackedQuantizedStack(
-        codes=jax.jit(pack)(w.codes), scale=as_f32(w.scale),
-        offset=None if w.offset is None else as_f32(w.offset), bits=w.bits,
-        n_out=w.shape[-1])
+        codes=jax.jit(pack)(w.codes), scale=scales(w.scale),
+        offset=None if w.offset is None else scales(w.offset), bits=w.bits, n_out=w.shape[-1])
 
 
 def pack_layer_matrices(params: dict) -> dict:
@@ -101,7 +105,8 @@ def pack_layer_matrices(params: dict) -> dict:
     for name in LAYER_MATRICES:
         w = layers[name]  # [L, K, N]
         if isinstance(w, QuantizedStack):
-            layers[name] = _pack_quantized(w)
+            if _native_form(w):  # else dequantized in XLA's dot (models/quant.py)
+                layers[name] = _pack_quantized(w)
             continue
         if w.dtype != jnp.float32:
             raise ValueError(f"the native matmul takes float32 weights, {name} is {w.dtype}")

@@ -15,9 +15,11 @@
 //   x       [M, K]            f32
 //   codes   [L, NP, KC, 64]   s8 or f8e4m3fn (KC = K), or u8 (4-bit: KC = K / 2, byte row i
 //                             holds input rows 2i in its low nibble and 2i + 1 in its high one)
-//   scale   [L, NP, G, 64]    f32: w[k, n] = scale[k / group_rows, n] * code[k, n]
-//   offset  [L, NP, G, 64]    f32: ... + offset[k / group_rows, n] (attr has_offset; else a
-//                             dummy f32[1])
+//   scale   [L, NP, G, 64]    f32 or f16: w[k, n] = scale[k / group_rows, n] * code[k, n]
+//   offset  [L, NP, G, 64]    f32 or f16: ... + offset[k / group_rows, n] (attr has_offset;
+//                             else a dummy f32[1]). float16 as the checkpoint stores it (GGUF's
+//                             legacy blocks, GPTQ, AWQ): converted per group, never widened in
+//                             memory, so the memory plan's bytes are what is held.
 //   layer   i32[], rows i32[] as packed_matmul.cc (rows past `rows` are padding, zeroed)
 //   -> out  [M, N]            f32; attrs n_out = N, group_rows = K / G
 
@@ -116,16 +118,55 @@ inline vfloat fp8_to_float(vu8 bytes) {
 #endif
 }
 
+inline float half_to_float(uint16_t h) {  // IEEE binary16, subnormals included
+  const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+  float x;
+  if (e == 0) {
+    x = std::ldexp(static_cast<float>(m), -24);
+  } else if (e == 0x1F) {
+    x = m ? NAN : INFINITY;
+  } else {
+    x = std::ldexp(1.0f + m / 1024.0f, static_cast<int>(e) - 15);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof x);
+  bits |= sign;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// A view of float32 or float16 group scales (or offsets); vec(i) = 16 of them as floats.
+struct Scales {
+  const void* data = nullptr;
+  bool half = false;
+
+  Scales shifted(int64_t n) const {
+    return {static_cast<const char*>(data) + n * (half ? 2 : 4), half};
+  }
+  vfloat vec(int64_t i) const {
+    if (!half) return load_vec(static_cast<const float*>(data) + i);
+    const uint16_t* h = static_cast<const uint16_t*>(data) + i;
+#if defined(__AVX512F__)
+    return reinterpret_cast<vfloat>(
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))));
+#else
+    float f[kLanes];
+    for (int j = 0; j < kLanes; ++j) f[j] = half_to_float(h[j]);
+    return load_vec(f);
+#endif
+  }
+};
+
 // Calls row(k, b) for every input row k of one panel in order, b[kVecs] its 64 weights
 // dequantized (scale, and offset when kOffset, of the row's group).
 template <Codes kCodes, bool kOffset, typename F>
-inline void for_each_row(const uint8_t* codes, const float* scale, const float* offset,
-                         int64_t K, int64_t group_rows, F row) {
+inline void for_each_row(const uint8_t* codes, Scales scale, Scales offset, int64_t K,
+                         int64_t group_rows, F row) {
   for (int64_t g = 0; g * group_rows < K; ++g) {
     vfloat s[kVecs], o[kVecs];
     for (int v = 0; v < kVecs; ++v) {
-      s[v] = load_vec(scale + g * kPanel + v * kLanes);
-      o[v] = kOffset ? load_vec(offset + g * kPanel + v * kLanes) : vfloat{};
+      s[v] = scale.vec(g * kPanel + v * kLanes);
+      o[v] = kOffset ? offset.vec(g * kPanel + v * kLanes) : vfloat{};
     }
     const int64_t k_end = std::min(K, (g + 1) * group_rows);
     vfloat b[kVecs];
@@ -155,8 +196,8 @@ inline void for_each_row(const uint8_t* codes, const float* scale, const float* 
 
 // Few rows (one register tile): dequantize in registers and accumulate at once, no scratch.
 template <int R, Codes kCodes, bool kOffset>
-void direct_tile(const float* x, int64_t K, const uint8_t* codes, const float* scale,
-                 const float* offset, int64_t group_rows, float* out, int64_t ldo, int64_t cols) {
+void direct_tile(const float* x, int64_t K, const uint8_t* codes, Scales scale, Scales offset,
+                 int64_t group_rows, float* out, int64_t ldo, int64_t cols) {
   vfloat acc[R][kVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = vfloat{};
@@ -177,9 +218,8 @@ void direct_tile(const float* x, int64_t K, const uint8_t* codes, const float* s
 // One panel's output columns for all M rows: in registers for up to one tile of rows, else
 // through a float scratch panel (dequantized once, then read by every row tile from L2).
 template <Codes kCodes, bool kOffset>
-void panel_product(const float* x, int64_t M, int64_t K, const uint8_t* codes,
-                   const float* scale, const float* offset, int64_t group_rows, float* out,
-                   int64_t N, int64_t cols) {
+void panel_product(const float* x, int64_t M, int64_t K, const uint8_t* codes, Scales scale,
+                   Scales offset, int64_t group_rows, float* out, int64_t N, int64_t cols) {
   switch (M) {
 #define JAXSERVE_DIRECT(R) \
     case R: return direct_tile<R, kCodes, kOffset>(x, K, codes, scale, offset, group_rows, \
@@ -202,8 +242,8 @@ void panel_product(const float* x, int64_t M, int64_t K, const uint8_t* codes,
 
 template <Codes kCodes>
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
-                               ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer,
+                               ffi::AnyBuffer codes, ffi::AnyBuffer scale,
+                               ffi::AnyBuffer offset, ffi::Buffer<ffi::S32> layer,
                                ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out,
                                int64_t n_out, int64_t group_rows, int64_t has_offset) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
@@ -222,8 +262,15 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("quantized_matmul: layer out of range");
   const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   const uint8_t* cl = static_cast<const uint8_t*>(codes.untyped_data()) + l * NP * KC * kPanel;
-  const float* sl = scale.typed_data() + l * NP * G * kPanel;
-  const float* ol = has_offset ? offset.typed_data() + l * NP * G * kPanel : nullptr;
+  auto is_float = [](ffi::DataType t) { return t == ffi::F32 || t == ffi::F16; };
+  if (!is_float(scale.element_type()) || (has_offset && !is_float(offset.element_type())))
+    return ffi::Error::InvalidArgument("quantized_matmul: scales must be float32 or float16");
+  const Scales sl = Scales{scale.untyped_data(), scale.element_type() == ffi::F16}.shifted(
+      l * NP * G * kPanel);
+  const Scales ol = has_offset ? Scales{offset.untyped_data(),
+                                        offset.element_type() == ffi::F16}.shifted(
+                                     l * NP * G * kPanel)
+                               : Scales{};
   const float* xp = x.typed_data();
   float* o = out->typed_data();
   std::memset(o + M * N, 0, sizeof(float) * (xd[0] - M) * N);
@@ -231,13 +278,13 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t workers = std::max<int64_t>(pool.num_threads(), 1) - 1;
   parallel_for(pool, workers, NP, [=](int64_t p) {
     const uint8_t* cp = cl + p * KC * kPanel;
-    const float* sp = sl + p * G * kPanel;
+    const Scales sp = sl.shifted(p * G * kPanel);
     const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-    if (ol != nullptr)
-      panel_product<kCodes, true>(xp, M, K, cp, sp, ol + p * G * kPanel, group_rows, o + n0, N,
-                                  cols);
+    if (ol.data != nullptr)
+      panel_product<kCodes, true>(xp, M, K, cp, sp, ol.shifted(p * G * kPanel), group_rows,
+                                  o + n0, N, cols);
     else
-      panel_product<kCodes, false>(xp, M, K, cp, sp, nullptr, group_rows, o + n0, N, cols);
+      panel_product<kCodes, false>(xp, M, K, cp, sp, Scales{}, group_rows, o + n0, N, cols);
   });
   return ffi::Error::Success();
 }
@@ -250,8 +297,8 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     .Ctx<ffi::ThreadPool>()                      \
                                     .Arg<ffi::Buffer<ffi::F32>>()                \
                                     .Arg<ffi::AnyBuffer>()                       \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                \
+                                    .Arg<ffi::AnyBuffer>()                       \
+                                    .Arg<ffi::AnyBuffer>()                       \
                                     .Arg<ffi::Buffer<ffi::S32>>()                \
                                     .Arg<ffi::Buffer<ffi::S32>>()                \
                                     .Ret<ffi::Buffer<ffi::F32>>()                \

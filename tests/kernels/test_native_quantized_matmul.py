@@ -109,3 +109,19 @@ def test_every_finite_fp8_code_converts_exactly():
     got = native_matmul.quantized_packed_matmul(jnp.eye(K, dtype=jnp.float32), packed.codes,
                                                 packed.scale, None, 0, n_out=64, bits=8)
     np.testing.assert_array_equal(np.asarray(got)[:254, 0], codes.astype(np.float32))
+
+
+def test_float16_scales_stay_float16_in_the_panels():
+    # GGUF's legacy blocks, GPTQ and AWQ store float16 scales: the panels hold them as they are
+    # (the memory plan counted their bytes) and the kernel converts per group
+    stack, per_layer = _stack(np.random.default_rng(5), 4, 2, 64, 70, 2, True)
+    stack = jax.tree.map(jnp.asarray, stack)
+    packed = _pack_quantized(stack)
+    assert packed.scale.dtype == packed.offset.dtype == jnp.float16
+    assert stack.scale.dtype == jnp.float16
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 64)).astype(np.float32))
+    for layer in range(2):
+        got = native_matmul.quantized_packed_matmul(x, packed.codes, packed.scale,
+                                                    packed.offset, layer, n_out=70, bits=4)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ per_layer[layer].dequantize().T,
+                                   rtol=1e-4, atol=1e-3)
