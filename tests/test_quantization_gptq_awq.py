@@ -16,6 +16,7 @@ from jaxserve.loading import ModelLoadError, load_model
 from jaxserve.loading.hf import SafetensorsFolder
 from jaxserve.loading.hf_quant import unpack_awq, unpack_gptq
 from jaxserve.models import quant
+from jaxserve.models.linear import PackedQuantizedStack
 from model_driver import SingleSequenceDriver
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -145,10 +146,18 @@ def test_a_packed_checkpoint_computes_its_dequantized_model(tiny_model_dir, tmp_
     assert all((s.g_idx is not None) == desc_act for s in stacks)  # act order keeps its gather
     ref = SingleSequenceDriver(load_model(float_dir), max_len=64)
     got = SingleSequenceDriver(loaded, max_len=64)
+    # the native CPU matmul takes the packed codes with their float16 scales, except act order
+    # (its row gather stays on XLA's dots)
+    native = SingleSequenceDriver(loaded, max_len=64, packed_matrices=True)
+    on_panels = [w for w in native.params["layers"].values()
+                 if isinstance(w, PackedQuantizedStack)]
+    assert len(on_panels) == (0 if desc_act else 7)
+    assert all(w.scale.dtype == np.float16 for w in on_panels)
     for p in PROMPTS:
-        np.testing.assert_allclose(got.prompt_logits(p), ref.prompt_logits(p), rtol=1e-4,
-                                   atol=1e-4)
-        assert got.greedy(p, 6) == ref.greedy(p, 6)
+        want = ref.prompt_logits(p)
+        np.testing.assert_allclose(got.prompt_logits(p), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(native.prompt_logits(p), want, rtol=1e-4, atol=1e-4)
+        assert got.greedy(p, 6) == ref.greedy(p, 6) == native.greedy(p, 6)
     # --quantization none dequantizes at load: the float model itself
     plain = load_model(packed_dir, quantization="none")
     assert isinstance(plain.params["layers"]["q_proj"], np.ndarray)
