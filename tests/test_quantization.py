@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -233,10 +234,16 @@ def test_smollm2_q4_1_served_packed_knows_paris(default_model_dir):
                        SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0].text
     assert "Paris" in out
     # the plan counts the weights as stored: Q4_1 layers and the Q8_0 embedding table (tied
-    # lm_head), codes and float16 scales: 18% of float32
-    assert isinstance(runner.params["embed"], quant.QuantizedStack)
+    # lm_head), codes and float16 scales: 18% of float32; on CPU they sit in the native
+    # matmul's panels, which hold exactly those bytes (every width here is a multiple of 64)
+    from jaxserve.models.linear import PackedQuantizedStack
+    embed = runner.params["embed"]
+    assert isinstance(embed, (quant.QuantizedStack, PackedQuantizedStack))
+    assert embed.scheme == "Q8_0"
     float_bytes = 4 * sum(np.prod(s) for s in _float_shapes(runner.cfg))
     assert runner.plan.weight_bytes < 0.25 * float_bytes
+    held = sum(x.nbytes for x in jax.tree.leaves(runner.params))
+    assert held == runner.plan.weight_bytes
 
 
 def _float_shapes(cfg):

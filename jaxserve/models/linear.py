@@ -36,6 +36,7 @@ class PackedQuantizedStack:
     offset: jax.Array | None          # f32 | f16 [L, NP, G, 64] or None
     bits: int = struct.field(pytree_node=False)
     n_out: int = struct.field(pytree_node=False)  # N
+    scheme: str = struct.field(pytree_node=False, default="")  # as QuantizedStack's
 
     def matmul(self, x, layer, num_rows=None):  # x f32[T, K] -> f32[T, N]
         from pallas_kernels.native_matmul import quantized_packed_matmul
@@ -86,7 +87,8 @@ def _pack_quantized(w: QuantizedStack) -> PackedQuantizedStack:
 
     return PackedQuantizedStack(
         codes=jax.jit(pack)(w.codes), scale=scales(w.scale),
-        offset=None if w.offset is None else scales(w.offset), bits=w.bits, n_out=w.shape[-1])
+        offset=None if w.offset is None else scales(w.offset), bits=w.bits, n_out=w.shape[-1],
+        scheme=w.scheme)
 
 
 def pack_layer_matrices(params: dict) -> dict:

@@ -231,7 +231,9 @@ def array_fields(stack: QuantizedStack) -> dict:
 
 def quantized_scheme(params: dict) -> str | None:
     """How the layer matrices of a param pytree are quantized ("int8", "Q4_1", "Q4_1+Q8_0"),
-    or None when they are all float."""
-    schemes = sorted({part for w in params["layers"].values() if isinstance(w, QuantizedStack)
+    or None when they are all float. Stacks packed for the native matmul
+    (linear.PackedQuantizedStack) carry their scheme too."""
+    schemes = sorted({part for w in params["layers"].values()
+                      if isinstance(w, QuantizedStack) or hasattr(w, "scheme")
                       for part in (w.scheme or f"{w.bits}-bit").split("+")})
     return "+".join(schemes) or None
