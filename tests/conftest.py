@@ -29,25 +29,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_persistent_compilation_cache_in_the_test_process():
-    """The test process never writes jax's persistent compilation cache.
-
-    Three full-suite runs (two clean-clone CI runs, one local) died in jax's
-    `executable.serialize()` for that cache (SIGABRT / SIGSEGV in a warm-up compile thread,
-    late in the run, always a fresh-cache write); a lock keeping cache I/O apart from compiles
-    did not prevent it, and its cause is not found. Hundreds of engines in one process write
-    thousands of entries; a server writes its own few at start-up. The cache itself stays
-    tested where it is used, in fresh processes: test_step_variants' cold and warm starts, the
-    server tests' serve.py and the fresh-install check.
-    """
-    from jaxserve.runner import compilation_cache
-    saved = compilation_cache.use_compilation_cache
-    compilation_cache.use_compilation_cache = lambda path: None
-    yield
-    compilation_cache.use_compilation_cache = saved
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """tiny_model_dir(variant, dtype="float32") -> path of a tiny HF checkpoint (cached)."""
