@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from typing import NamedTuple
@@ -201,13 +202,9 @@ class ModelRunner:
         start = time.perf_counter()
         hits0, misses0 = cache_counts()
         if not self.multihost:
-            # compile (or load from the persistent cache) every program first; the warm-up
-            # runs below then only execute them. One thread: four clean-clone test runs died
-            # in XLA (a SIGSEGV or SIGABRT in backend_compile_and_load or the cache's
-            # executable.serialize()) while two warm-up threads compiled at once, late in a
-            # long process; cause not found, so compiles no longer overlap (XLA still uses
-            # its own threads inside one compile)
-            workers = 1
+            # compile (or load from the persistent cache) every program on all cores first;
+            # the warm-up runs below then only execute them
+            workers = max(1, min(len(os.sched_getaffinity(0)), 8))
             self._precompile(variants, workers, progress)
         # what was not compiled ahead compiles by running once (multi-host: the followers
         # compile each step the leader announces)
