@@ -39,7 +39,7 @@ from jaxserve.models import KVCache, build_model  # noqa: E402
 from jaxserve.runner import sampling  # noqa: E402
 from jaxserve.models.linear import pack_layer_matrices  # noqa: E402
 from jaxserve.runner.batch import Buckets, pack_batch  # noqa: E402
-from jaxserve.runner.step import compiled_step  # noqa: E402
+from jaxserve.runner.step import step_functions  # noqa: E402
 from pallas_kernels import registry  # noqa: E402
 
 PAGE_SIZE = 16
@@ -144,7 +144,7 @@ def profile(loaded, backend: str, seqs, max_model_len: int, repeats: int,
         md_v = md if not lp else jax.tree.map(jnp.asarray, sampling.build_sampling_metadata(
             inputs, S, cfg.vocab_size, use_penalties=True, penalty_width=max_model_len))
         out[tag] = timeit(f, logits, md_v, key, repeats=repeats)
-    step = compiled_step(cfg, attn)
+    step = step_functions(cfg, attn)
     targets = jnp.zeros(T, jnp.int32)
     prev = jnp.zeros(S, jnp.int32)
     for tag, extras in (("step", False), ("step+lp", True)):

@@ -81,11 +81,10 @@ def _propose(params, kv_cache, logits, md, base_key, step_index, first_pos, num_
     return kv_cache, row_drafts.astype(jnp.int32), q_flat
 
 
-@functools.lru_cache(maxsize=8)
 def _draft_programs(cfg, attention, out_shardings, k: int, page_size: int, num_pages: int,
                     num_q_rows: int):
-    """(mirror forward, proposal loop), jitted once per process for these settings, so engines
-    rebuilt with the same draft model (tests, restarts) reuse their executables."""
+    """(mirror forward, proposal loop), jitted afresh per draft model (their jax caches go with
+    it); engines share the executables through runner/programs.py, keyed by these settings."""
     cache_sharding, replicated, _ = out_shardings
     model = build_model(cfg, attention)
     forward = jax.jit(model.forward, donate_argnums=(1,),
@@ -119,9 +118,12 @@ class DraftModel:
             self.params = pack_layer_matrices(self.params)
         self.kv_cache = self.sharding_plan.zeros_kv_cache(num_pages, self.page_size, dtype)
         sp = self.sharding_plan
-        self._forward, self._propose = _draft_programs(
-            self.cfg, sp.wrap_attention(attention_fn), sp.step_out_shardings(), self.k,
-            self.page_size, num_pages, self.num_q_rows)
+        settings = (self.cfg, sp.wrap_attention(attention_fn), sp.step_out_shardings(), self.k,
+                    self.page_size, num_pages, self.num_q_rows)
+        self._forward, self._propose = _draft_programs(*settings)
+        # what each jitted function computes (programs.shapes_key's identity), by function
+        self._identity = {self._forward: (settings, "draft_forward"),
+                          self._propose: (settings, "draft_propose")}
         # a step without drafts verifies nothing: these stand in for the draft model's outputs
         # (device arrays with the outputs' sharding, so either kind runs the same program)
         self.no_drafts = placement.put_replicated(np.full(num_target_rows, -1, np.int32),
@@ -166,7 +168,7 @@ class DraftModel:
         return row_drafts, q
 
     def _call(self, fn, args):
-        key = programs.shapes_key(fn, (), args)
+        key = programs.shapes_key(self._identity[fn], (), args)
         compiled = self._executables.get(key)
         return compiled(*args) if compiled is not None else fn(*args)
 
@@ -178,7 +180,7 @@ class DraftModel:
             batch = self.sharding_plan.put_batch(
                 pack_batch([], t, s, self.pages_per_seq, self.page_size, self.num_pages))
             args = (self.params, self.kv_cache, batch)
-            jobs[programs.shapes_key(self._forward, (), args)] = functools.partial(
+            jobs[programs.shapes_key(self._identity[self._forward], (), args)] = functools.partial(
                 self._lower, self._forward, args)
         for s in self.buckets.seq_buckets:
             batch = pack_batch([], s, s, self.pages_per_seq, self.page_size, self.num_pages)
@@ -188,7 +190,7 @@ class DraftModel:
                     *self._propose_args(StepPlan(), batch,
                                         np.full(self.num_target_rows, -1, np.int32),
                                         base_key, 0))
-            jobs[programs.shapes_key(self._propose, (), args)] = functools.partial(
+            jobs[programs.shapes_key(self._identity[self._propose], (), args)] = functools.partial(
                 self._lower, self._propose, args)
         return jobs
 
@@ -196,7 +198,6 @@ class DraftModel:
     def _lower(fn, args):
         return fn.lower(*args).compile()
 
-    def bind(self, keys) -> None:
-        """Use the compiled executables of `keys` (after programs.compile_all)."""
-        for key in keys:
-            self._executables[key] = programs.executable(key)
+    def bind(self, executables: dict) -> None:
+        """Use these compiled executables (key -> executable, from programs.compile_all)."""
+        self._executables.update(executables)

@@ -37,7 +37,7 @@ from jaxserve.runner.linear_backend import resolve_linear_backend
 from jaxserve.parallel import ShardingPlan, lead_call, placement
 from jaxserve.runner.memory import page_bytes, plan_memory
 from pallas_kernels.kv_quant import KV_CACHE_DTYPES as KV_CODE_DTYPES
-from jaxserve.runner.step import compiled_step
+from jaxserve.runner.step import step_functions
 
 
 class StepVariant(NamedTuple):
@@ -153,7 +153,7 @@ class ModelRunner:
             self.draft = DraftModel(draft, config, attention_fn, self.num_pages,
                                     self.buckets.seq_buckets[-1], self.linear_backend)
         self.vocab_size = self.cfg.vocab_size
-        self._step = compiled_step(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
+        self._step = step_functions(self.cfg, self.sharding_plan.wrap_attention(attention_fn),
                                    self.sharding_plan.step_out_shardings(code_dtype is not None))
         self.multihost = self.sharding_plan.multi_process
         self._key = self.sharding_plan.put_replicated(jax.random.PRNGKey(config.seed))
@@ -338,25 +338,29 @@ class ModelRunner:
                                       sharding=self.sharding_plan.replicated())
         statics = variant.sample_statics()
         fwd, sample = self._forward_fn(variant.all_logits), self._step.sample
+        fwd_name = "forward_prompt_logprobs" if variant.all_logits else "forward"
         return [
-            (programs.shapes_key(fwd, (), fwd_args), lambda: fwd.lower(*fwd_args).compile()),
-            (programs.shapes_key(sample, tuple(statics.items()), (logits, *sample_args)),
+            (programs.shapes_key((self._step.identity, fwd_name), (), fwd_args),
+             lambda: fwd.lower(*fwd_args).compile()),
+            (programs.shapes_key((self._step.identity, "sample"), tuple(statics.items()),
+                                 (logits, *sample_args)),
              lambda: sample.lower(logits, *sample_args, **statics).compile()),
         ]
 
     def _precompile(self, variants: list[StepVariant], workers: int, progress: bool) -> None:
         """Lower and compile every variant's programs without running them, each distinct one
-        once, on `workers` threads (XLA compiles outside the GIL); the executables are kept
-        (shared by every runner of the process with the same shapes) and run by run_packed."""
+        once, on `workers` threads (XLA compiles outside the GIL); the runner keeps the
+        executables (shared with the process's other runners of the same shapes, see
+        runner/programs.py) and run_packed runs them."""
         jobs = {v: self._compile_jobs(v) for v in variants}
         todo = {key: thunk for pair in jobs.values() for key, thunk in pair}
         draft_jobs = self.draft.compile_jobs(self._key) if self.draft is not None else {}
-        programs.compile_all({**todo, **draft_jobs}, workers, "compiling step programs",
-                             progress)
+        compiled = programs.compile_all({**todo, **draft_jobs}, workers,
+                                        "compiling step programs", progress)
         for v, pair in jobs.items():
-            self._executables[v] = tuple(programs.executable(key) for key, _ in pair)
+            self._executables[v] = tuple(compiled[key] for key, _ in pair)
         if self.draft is not None:
-            self.draft.bind(draft_jobs)
+            self.draft.bind({key: compiled[key] for key in draft_jobs})
         self._num_programs = len(todo) + len(draft_jobs)
 
     def run_packed(self, packed: PackedStep, drafts=None):

@@ -105,6 +105,9 @@ class StepFunctions(NamedTuple):
     sample: Callable   # (logits, md, base_key, step_index, prev_sampled, [draft_probs], *,
     #                     use_penalties, logprobs, use_bitmask, verify_drafts)
     #                     -> (StepOutput, sampled i32[S_max])
+    # what the three compute, hashable (programs.shapes_key's identity): (cfg, attention_fn,
+    # out_shardings), the arguments they were built from
+    identity: tuple
 
     def __call__(self, params, kv_cache, batch, sampling_md, base_key, step_index,
                  prompt_targets, prev_sampled, *, all_logits: bool = False, **statics):
@@ -120,12 +123,11 @@ class StepFunctions(NamedTuple):
         return kv_cache, out.replace(**prompt), sampled
 
 
-@functools.lru_cache(maxsize=16)
-def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None) -> StepFunctions:
-    """The jitted step per (model config, attention function, shardings), shared by every
-    engine in the process, so tests and restarts that rebuild an engine reuse compiled
-    executables. out_shardings = (kv_cache's, replicated, replicated): pinning the cache's
-    keeps donation in place on a mesh; logits and outputs are replicated."""
+def step_functions(cfg: ModelConfig, attention_fn, out_shardings=None) -> StepFunctions:
+    """The jitted step of one runner. Fresh jitted functions per runner, so jax's caches behind
+    them go with it; runners share compiled executables through runner/programs.py instead,
+    keyed by the identity. out_shardings = (kv_cache's, replicated, replicated): pinning the
+    cache's keeps donation in place on a mesh; logits and outputs are replicated."""
     model = build_model(cfg, attention_fn)
     fwd_extra, prompt_extra, sample_extra = {}, {}, {}
     if out_shardings is not None:
@@ -138,4 +140,4 @@ def compiled_step(cfg: ModelConfig, attention_fn, out_shardings=None) -> StepFun
     forward_prompt = jax.jit(functools.partial(_forward_prompt_logprobs, forward=model.forward),
                              donate_argnums=(1,), **prompt_extra)
     sample = jax.jit(_sample, static_argnames=SAMPLE_STATICS, **sample_extra)
-    return StepFunctions(forward, forward_prompt, sample)
+    return StepFunctions(forward, forward_prompt, sample, (cfg, attention_fn, out_shardings))
