@@ -46,8 +46,7 @@ def compile_all(jobs: dict[tuple, Callable], workers: int, desc: str,
     threads (XLA compiles outside the GIL); key -> executable for every job. The caller keeps
     what it uses: that reference is what keeps a program in memory."""
     with _LOCK:
-        found = {key: _LIVE.get(key) for key in jobs}
-    done = {key: c for key, c in found.items() if c is not None}
+        done = {key: c for key in jobs if (c := _LIVE.get(key)) is not None}
 
     def compile_one(item):
         key, thunk = item
@@ -62,8 +61,3 @@ def compile_all(jobs: dict[tuple, Callable], workers: int, desc: str,
             _LIVE[key] = compiled
         _RECENT.append(dict(done))
     return done
-
-
-def num_held() -> int:
-    """Programs in memory right now (held by a runner or among the recent sets)."""
-    return len(_LIVE)
