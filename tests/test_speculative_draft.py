@@ -173,6 +173,35 @@ def test_a_draft_equal_to_the_target_has_every_draft_accepted(plain, self_draft,
     _pool_whole(self_draft)
 
 
+def test_the_mirror_pass_feeds_decoding_sequences_as_one_token_rows(self_draft):
+    """A decoding sequence's catch-up and known token go in as one-token rows (a decode-shaped
+    batch, T == S, so attention takes its decode path), a prefill chunk stays whole, and logits
+    row i is sequence i's last token, with the proposal's page table row i its pages."""
+    from jaxserve.engine.step_plan import SequenceSampling, StepPlan, StepSequence
+    draft = self_draft.engine.runner.draft
+    sampling = SequenceSampling(GREEDY, [1, 2], [])
+
+    def seq(tokens, start, pages, catch_up=()):
+        return StepSequence(tokens, start, pages, sampling, num_model_drafts=3,
+                            draft_catch_up=catch_up)
+
+    decoding = StepPlan((seq([7], 10, [3, 4], catch_up=(6,)), seq([9], 5, [5])))
+    batch, slot_pages = draft._mirror_batch(decoding)
+    T, S = batch.token_ids.shape[0], batch.kv_lens.shape[0]
+    assert T == S  # decode-shaped
+    assert list(batch.token_ids[:3]) == [6, 7, 9] and list(batch.positions[:3]) == [9, 10, 5]
+    assert list(batch.kv_lens[:3]) == [10, 11, 6] and list(batch.cu_q_lens[:4]) == [0, 1, 2, 3]
+    assert list(batch.logits_indices[:2]) == [1, 2]
+    assert slot_pages.shape[0] == S and list(slot_pages[0, :2]) == [3, 4]
+    assert slot_pages[1, 0] == 5 and not slot_pages[2:].any()
+
+    mixed = StepPlan((StepSequence([11, 12, 13], 0, [8], sampling), seq([7], 10, [3, 4], (6,))))
+    batch, slot_pages = draft._mirror_batch(mixed)
+    assert list(batch.cu_q_lens[:4]) == [0, 3, 4, 5]  # the chunk whole, then two rows
+    assert list(batch.logits_indices[:2]) == [2, 4]
+    assert slot_pages[0, 0] == 8 and list(slot_pages[1, :2]) == [3, 4]
+
+
 def test_a_random_draft_changes_no_greedy_token(plain, random_draft, no_compiles):
     prompts = _prompts(7, seed=2)
     before = _counters(random_draft.engine)

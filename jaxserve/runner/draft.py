@@ -5,11 +5,13 @@ Its KV cache has the target's page count and page size and is indexed by the tar
 tables: the draft's K/V for position p of a sequence sits in the same page slot as the
 target's, so the block manager, prefix caching, forks and preemption serve both, and the draft
 needs no scheduling of its own. Every target step first runs the draft over the same tokens
-(the mirror pass: prefill chunks and decode tokens alike), so its cache keeps up; the logits of
-each proposing sequence's last token give its first draft, and a jitted loop of k - 1
-decode-shaped draft steps gives the others, all on the device. The target step then reads the
-drafts from the device (they feed its verify rows as in-flight tokens) and verifies them by
-rejection sampling against their distributions q (spec_sampling.py).
+(the mirror pass: prefill chunks and decode tokens alike), so its cache keeps up. A decoding
+sequence's one token and its catch-up token go in as one-token rows over the same pages, as
+the target's verify rows do, so attention takes its decode path (native on CPU) instead of
+prefill tiles. The logits of each proposing sequence's last token give its first draft, and a
+jitted loop of k - 1 decode-shaped draft steps gives the others, all on the device. The target
+step then reads the drafts from the device (they feed its verify rows as in-flight tokens) and
+verifies them by rejection sampling against their distributions q (spec_sampling.py).
 
 The draft's cache is only ever a hint: a stale entry (a page cached by a request whose last
 accepted draft the draft never fed) lowers acceptance, never correctness, since every emitted
@@ -57,6 +59,9 @@ def _propose(params, kv_cache, logits, md, base_key, step_index, first_pos, num_
     drafts = jnp.zeros((S, k), jnp.int32).at[:, 0].set(first)          # i32[S, k]
     qs = jnp.zeros((S, k, V), jnp.float32).at[:, 0].set(q0)            # f32[S, k, V]
     slots = jnp.arange(S)
+    # the slots past the last proposing one are padding (or one-token mirror rows): the loop's
+    # matmuls and attention leave them uncomputed
+    num_live = jnp.max(jnp.where(num_drafts > 0, slots + 1, 0)).astype(jnp.int32)
 
     def body(j, carry):
         kv_cache, drafts, qs = carry
@@ -69,7 +74,7 @@ def _propose(params, kv_cache, logits, md, base_key, step_index, first_pos, num_
             slot_offsets=jnp.where(active, pos % page_size, 0),
             kv_lens=jnp.where(active, pos + 1, 1), page_indices=page_indices,
             cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32),
-            num_seqs=jnp.asarray([S], jnp.int32), logits_indices=slots.astype(jnp.int32))
+            num_seqs=num_live[None], logits_indices=slots.astype(jnp.int32))
         kv_cache, step_logits = forward(params, kv_cache, batch)
         d, q = draft_sample(step_logits, md.replace(output_index=md.output_index + j), key)
         return kv_cache, drafts.at[:, j].set(d), qs.at[:, j].set(q)
@@ -77,7 +82,8 @@ def _propose(params, kv_cache, logits, md, base_key, step_index, first_pos, num_
     kv_cache, drafts, qs = jax.lax.fori_loop(1, k, body, (kv_cache, drafts, qs))
     flat = drafts.reshape(S * k)
     row_drafts = jnp.where(target_rows >= 0, flat[jnp.maximum(target_rows, 0)], -1)
-    q_flat = jnp.zeros((num_q_rows, V), jnp.float32).at[:S * k].set(qs.reshape(S * k, V))
+    n = min(S, num_q_rows // k)  # slots past max_num_seqs are one-token mirror rows only
+    q_flat = jnp.zeros((num_q_rows, V), jnp.float32).at[:n * k].set(qs[:n].reshape(n * k, V))
     return kv_cache, row_drafts.astype(jnp.int32), q_flat
 
 
@@ -105,10 +111,11 @@ class DraftModel:
         self.page_size = config.cache.page_size
         self.num_pages = num_pages
         self.pages_per_seq = -(-sched.max_model_len // self.page_size)
-        # a step's tokens plus, per sequence, one catch-up token (engine: Request.draft_lag)
+        # a step's tokens plus, per sequence, one catch-up token (engine: Request.draft_lag);
+        # a decoding sequence's two become two one-token rows, hence 2 x max_num_seqs slots
         self.buckets = Buckets.make(sched.max_num_batched_tokens + sched.max_num_seqs,
-                                    sched.max_num_seqs)
-        self.num_q_rows = self.buckets.seq_buckets[-1] * self.k
+                                    2 * sched.max_num_seqs)
+        self.num_q_rows = sched.max_num_seqs * self.k
         self.num_target_rows = num_target_rows
         self.sharding_plan = ShardingPlan.build(self.cfg, config.tensor_parallel_size,
                                                 config.sharding_config)
@@ -134,15 +141,29 @@ class DraftModel:
 
     # -- one step ---------------------------------------------------------------------------
     def _mirror_batch(self, plan: StepPlan):
-        seqs = [_MirrorSeq(list(q.draft_catch_up) + list(q.token_ids),
-                           q.start_pos - len(q.draft_catch_up), q.page_ids)
-                for q in plan.sequences]
-        t, s = self.buckets.pick(sum(len(m.token_ids) for m in seqs), len(seqs))
-        return pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
+        """The mirror pass's batch, whose logits row i is plan sequence i's last token, and the
+        proposal's page table i32[S, P] (row i: plan sequence i's pages; S the batch's slots)."""
+        rows, last_rows = [], []
+        for q in plan.sequences:
+            tokens = list(q.draft_catch_up) + list(q.token_ids)
+            start = q.start_pos - len(q.draft_catch_up)
+            if len(q.token_ids) == 1:  # decoding: one-token rows, attention's decode path
+                rows += [_MirrorSeq([t], start + j, q.page_ids) for j, t in enumerate(tokens)]
+            else:
+                rows.append(_MirrorSeq(tokens, start, q.page_ids))
+            last_rows.append(len(rows) - 1)
+        t, s = self.buckets.pick(sum(len(m.token_ids) for m in rows), len(rows))
+        batch = pack_batch(rows, t, s, self.pages_per_seq, self.page_size, self.num_pages)
+        logits_indices = np.zeros(s, np.int32)
+        logits_indices[:len(last_rows)] = batch.cu_q_lens[np.asarray(last_rows, np.int64) + 1] - 1
+        slot_pages = np.zeros((s, self.pages_per_seq), np.int32)
+        for i, q in enumerate(plan.sequences):
+            slot_pages[i, :len(q.page_ids)] = q.page_ids
+        return batch.replace(logits_indices=logits_indices), slot_pages
 
-    def _propose_args(self, plan: StepPlan, batch, target_rows: np.ndarray, base_key,
-                      step_index: int):
-        s = batch.kv_lens.shape[0]
+    def _propose_args(self, plan: StepPlan, slot_pages: np.ndarray, target_rows: np.ndarray,
+                      base_key, step_index: int):
+        s = slot_pages.shape[0]
         md = sampling.build_sampling_metadata([q.sampling for q in plan.sequences], s,
                                               self.cfg.vocab_size, use_penalties=False)
         first_pos = np.zeros(s, np.int32)
@@ -152,17 +173,17 @@ class DraftModel:
             num_drafts[i] = q.num_model_drafts
         sp = self.sharding_plan
         return (sp.put_replicated(md), base_key, sp.put_replicated(np.uint32(step_index)),
-                *sp.put_replicated((first_pos, num_drafts, batch.page_indices, target_rows)))
+                *sp.put_replicated((first_pos, num_drafts, slot_pages, target_rows)))
 
     def run(self, plan: StepPlan, target_rows: np.ndarray, base_key, step_index: int):
         """The mirror pass over the plan's tokens, then (if any sequence wants drafts) the
         proposals: (row_drafts i32[R], q f32[Q, V]) on the device, or the no-draft stand-ins."""
-        batch = self._mirror_batch(plan)
+        batch, slot_pages = self._mirror_batch(plan)
         batch = self.sharding_plan.put_batch(batch)
         self.kv_cache, logits = self._call(self._forward, (self.params, self.kv_cache, batch))
         if not plan.num_model_drafts:
             return self.no_drafts, self.no_draft_probs
-        args = self._propose_args(plan, batch, target_rows, base_key, step_index)
+        args = self._propose_args(plan, slot_pages, target_rows, base_key, step_index)
         self.kv_cache, row_drafts, q = self._call(self._propose,
                                                   (self.params, self.kv_cache, logits, *args))
         return row_drafts, q
@@ -183,11 +204,10 @@ class DraftModel:
             jobs[programs.shapes_key(self._identity[self._forward], (), args)] = functools.partial(
                 self._lower, self._forward, args)
         for s in self.buckets.seq_buckets:
-            batch = pack_batch([], s, s, self.pages_per_seq, self.page_size, self.num_pages)
             logits = jax.ShapeDtypeStruct((s, self.cfg.vocab_size), np.float32,
                                           sharding=self.sharding_plan.replicated())
             args = (self.params, self.kv_cache, logits,
-                    *self._propose_args(StepPlan(), batch,
+                    *self._propose_args(StepPlan(), np.zeros((s, self.pages_per_seq), np.int32),
                                         np.full(self.num_target_rows, -1, np.int32),
                                         base_key, 0))
             jobs[programs.shapes_key(self._identity[self._propose], (), args)] = functools.partial(
