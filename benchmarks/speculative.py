@@ -8,6 +8,7 @@ should cost little).
     python checkpoints/make_layer_draft.py checkpoints/models/SmolLM2-135M-Instruct /tmp/d8 \
         --layers 8 && python benchmarks/speculative.py --max-num-seqs 1 --num-requests 4 \
         --speculative-config '{"method": "draft_model", "model": "/tmp/d8"}'
+    python benchmarks/speculative.py --logprobs 1         # every request asks for logprobs
 
 Greedy, fixed output lengths (ignore_eos), both engines built with the same limits. Reports
 output tokens/s, steps, the acceptance rate (accepted / proposed drafts) and the mean tokens a
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--speculative-config", default='{"method": "ngram", '
                    '"num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}')
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="every request also asks for this many top logprobs (the extras step)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -62,12 +65,13 @@ def workloads(tok, n: int, seed: int = 0) -> dict[str, list[list[int]]]:
     return {"copy": copy, "random": randoms}
 
 
-def run(llm, prompts, output_len: int) -> dict:
+def run(llm, prompts, output_len: int, logprobs: int | None = None) -> dict:
     from jaxserve import SamplingParams
     engine = llm.engine
     counters0 = (engine.spec_num_draft_tokens, engine.spec_num_accepted_tokens,
                  engine.spec_num_drafts, engine.num_steps)
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                            logprobs=logprobs)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -94,11 +98,13 @@ def main(argv=None) -> int:
     loads = workloads(plain.get_tokenizer(), args.num_requests)
     report = {"model": model, "speculative_config": json.loads(args.speculative_config),
               "num_requests": args.num_requests, "output_len": args.output_len,
-              "max_num_seqs": args.max_num_seqs, "date": time.strftime("%Y-%m-%d")}
+              "max_num_seqs": args.max_num_seqs, "logprobs": args.logprobs,
+              "date": time.strftime("%Y-%m-%d")}
     for name, prompts in loads.items():
-        run(plain, prompts[:2], 4), run(spec, prompts[:2], 4)  # warm caches on both
-        a = run(plain, prompts, args.output_len)
-        b = run(spec, prompts, args.output_len)
+        for llm in (plain, spec):  # warm caches on both
+            run(llm, prompts[:2], 4, args.logprobs)
+        a = run(plain, prompts, args.output_len, args.logprobs)
+        b = run(spec, prompts, args.output_len, args.logprobs)
         same = sum(x == y for x, y in zip(a.pop("token_ids"), b.pop("token_ids")))
         report[name] = {"plain": a, "speculative": b, "identical": same,
                         "speedup": b["output_tokens_per_s"] / a["output_tokens_per_s"]}

@@ -290,10 +290,11 @@ def test_disable_by_batch_size(tiny_path, plain):
 
 
 
-def test_a_logprobs_request_joining_pauses_speculation(tiny_path, plain):
-    """Drafts made for a step are dropped if the next step cannot verify them (a request with
-    logprobs arrived): the engine keeps serving and the tokens stay the same. The budget (16
-    tokens for 6 decodes of 1 + 3 rows) leaves drafted requests unscheduled every step."""
+def test_a_logprobs_request_joining_drafted_requests_keeps_the_tokens(tiny_path, plain):
+    """A request with logprobs arrives while drafted requests wait for the budget (16 tokens
+    for 6 decodes of 1 + 3 rows leaves some unscheduled every step, and their drafts are
+    dropped, never carried to a later step): the engine keeps serving, the extras steps verify
+    drafts too, and the tokens stay the same."""
     spec = _llm(tiny_path, max_num_batched_tokens=16)
     engine = spec.engine
     prompts = [[40 + i, 41 + i, 42 + i] for i in range(6)]  # all decoding after one step

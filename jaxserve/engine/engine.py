@@ -22,7 +22,7 @@ import time
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import BlockManager
-from jaxserve.engine.grammar import GrammarCompiler
+from jaxserve.engine.grammar import GrammarCompiler, draft_prefix
 from jaxserve.engine.input_limits import InputLimits, RequestRejectedError
 from jaxserve.engine.output_assembly import RequestState
 from jaxserve.engine.outputs import RequestOutput
@@ -35,12 +35,6 @@ from jaxserve.engine.step_plan import (DRAFT_PENDING, SequenceSampling, StepPlan
 
 
 log = logging.getLogger("jaxserve.engine")
-
-
-def _needs_extras(params: SamplingParams) -> bool:
-    """The request's steps take the extras variant (penalties, logprobs, grammar masks)."""
-    return (params.uses_penalties or params.logprobs is not None
-            or params.prompt_logprobs is not None or params.structured_outputs is not None)
 
 
 class _DeviceStep:
@@ -155,19 +149,29 @@ class LLMEngine:
             for s in self._states.values())
 
     def _propose(self) -> None:
-        """Drafts for every running decode whose step can verify them: plain sampling (no
-        penalties, logprobs or grammar, whose step variants carry no drafts); while any such
-        request is in the system, nobody speculates."""
+        """Drafts for every running decode. Each row verifying a draft samples as plain
+        decoding would once the drafts before it are accepted, extras included: penalties count
+        those drafts in the history, the grammar mask is the one after them, logprobs are
+        reported per kept token. A draft model makes its drafts on the device, where neither
+        the history nor the grammar is: there requests with penalties or structured output do
+        not speculate (the others still do)."""
         for req in self.scheduler.running:  # drafts never outlive the step they were made for
             req.spec_token_ids = []
-        if any(_needs_extras(s.params) for s in self._states.values()):
-            return
         limit = self.config.speculative.disable_by_batch_size
         if limit is not None and self.scheduler.num_running >= limit:
             return
         for req in self.scheduler.running:
             if req.num_computed_tokens == req.num_tokens - 1 and not req.num_output_placeholders:
-                req.spec_token_ids = self.proposer.propose(req.all_token_ids)
+                req.spec_token_ids = self._drafts_for(req)
+
+    def _drafts_for(self, req: Request) -> list[int]:
+        params = req.sampling_params
+        if self.has_draft_model and (params.uses_penalties
+                                     or params.structured_outputs is not None):
+            return []
+        drafts = self.proposer.propose(req.all_token_ids)
+        matcher = self._matcher_of(req)
+        return draft_prefix(matcher, drafts) if matcher is not None and drafts else drafts
 
     def _verify(self, s, out, row: int) -> list[int]:
         """The tokens a sequence that carried drafts keeps, and the acceptance counters."""
@@ -187,20 +191,23 @@ class LLMEngine:
         return kept
 
     def _token_bitmasks(self, sched: SchedulerOutput) -> dict[int, object]:
-        """slot -> i32[ceil(V/32)] allowed-token mask, for the sampled constrained rows."""
-        constrained = []
+        """slot -> allowed-token mask of a sampled constrained sequence: i32[ceil(V/32)], or
+        i32[1 + n, ceil(V/32)] for one carrying n drafts (one per row that verifies them)."""
+        slots, matchers, drafts = [], [], []
         for slot, s in enumerate(sched.scheduled):
-            state = self._state_of(s.request)
-            if s.sample and state is not None and state.params.structured_outputs is not None:
+            matcher = self._matcher_of(s.request) if s.sample else None
+            if matcher is not None:
                 if s.output_index != s.request.num_output_tokens:
                     raise RuntimeError("a constrained row was scheduled with a token in flight")
-                constrained.append((slot, state.samples[self._index_of(s.request)].matcher))
-        if not constrained:
+                slots.append(slot)
+                matchers.append(matcher)
+                drafts.append(s.draft_token_ids)
+        if not slots:
             return {}
         start = time.perf_counter()
-        masks = self.grammar.fill_bitmasks([m for _, m in constrained])
+        masks = self.grammar.fill_bitmasks_along(matchers, drafts)
         self.mask_seconds += time.perf_counter() - start
-        return {slot: masks[i] for i, (slot, _) in enumerate(constrained)}
+        return {slot: m if d else m[0] for slot, m, d in zip(slots, masks, drafts)}
 
     def _dispatch(self, sched: SchedulerOutput, previous: _DeviceStep | None) -> _DeviceStep | None:
         if sched.is_empty:
@@ -276,11 +283,12 @@ class LLMEngine:
             if state is None:
                 continue
             sample = state.samples[self._index_of(req)]
-            sample.record_logprobs(out, step.slot_of[req.request_id], state.params.logprobs or 0)
-            if sample.matcher is not None:
-                self._advance_grammar(req, sample.matcher)
             new = req.output_token_ids[known[req.request_id]:]  # several after a verified step
+            if sample.matcher is not None:
+                self._advance_grammar(req, sample.matcher, new)
+            row = step.slot_of[req.request_id]  # new[i] was sampled by row + i
             for i, token in enumerate(new):
+                sample.record_logprobs(out, row + i, state.params.logprobs or 0)
                 last = i == len(new) - 1
                 _, stop_str = sample.detok.add_token(
                     token, finish_reason=req.finish_reason if last else None)
@@ -293,11 +301,15 @@ class LLMEngine:
             touched[state.request_id] = state
         return [self._output(state) for state in touched.values()]
 
-    def _advance_grammar(self, req: Request, matcher) -> None:
-        """Feed the sampled token to the request's grammar. Once the grammar is complete its
+    def _advance_grammar(self, req: Request, matcher, new: list[int]) -> None:
+        """Feed the step's new tokens to the request's grammar. Accepted drafts never finish
+        it (grammar.draft_prefix), so only the last token can. Once the grammar is complete its
         mask allows only EOS, which ends the request as "stop"; a request that ignores EOS (or
         a token the grammar refuses, which the mask makes impossible) is finished here."""
-        token = req.output_token_ids[-1]
+        for draft in new[:-1]:
+            if not matcher.consume_token(draft):
+                raise RuntimeError(f"an accepted draft outside its grammar: {matcher.get_error()}")
+        token = new[-1]
         if req.is_finished and token in req.eos_token_ids:
             return
         if not matcher.consume_token(token):
@@ -314,6 +326,11 @@ class LLMEngine:
 
     def _index_of(self, req: Request) -> int:
         return self._parent_of[req.request_id][1]
+
+    def _matcher_of(self, req: Request):
+        """The grammar matcher of a constrained request's sample, else None."""
+        state = self._state_of(req)
+        return None if state is None else state.samples[self._index_of(req)].matcher
 
     def _record_prompt_logprobs(self, sched: SchedulerOutput, out) -> None:
         row = 0

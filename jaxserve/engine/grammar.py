@@ -164,5 +164,42 @@ class GrammarCompiler:
                                         masks)
         return masks
 
+    def fill_bitmasks_along(self, matchers: list, drafts: list[list[int]]) -> list[np.ndarray]:
+        """Per matcher, i32[1 + len(its drafts), ceil(V/32)]: the allowed next tokens now and
+        after each of its drafts (which draft_prefix has checked), for the rows of a step that
+        verifies them. One parallel fill per draft depth; every matcher is rolled back after."""
+        out = [[row] for row in self.fill_bitmasks(matchers)]
+        for depth in range(max((len(d) for d in drafts), default=0)):
+            live = [i for i, d in enumerate(drafts) if len(d) > depth]
+            for i in live:
+                if not matchers[i].consume_token(drafts[i][depth]):
+                    raise RuntimeError(f"a draft outside its grammar: {matchers[i].get_error()}")
+            for i, row in zip(live, self.fill_bitmasks([matchers[i] for i in live])):
+                out[i].append(row)
+        for matcher, d in zip(matchers, drafts):
+            if d:
+                matcher.rollback(len(d))
+        return [np.stack(rows) for rows in out]
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def draft_prefix(matcher, drafts: list[int]) -> list[int]:
+    """The drafts a constrained sequence verifies: the longest prefix its grammar accepts that
+    leaves the grammar unfinished after every draft. A draft that would finish it is left for
+    the step to sample, so the token that ends a grammar is always a sequence's last new token
+    of its step, where the engine ends the request, as without speculation."""
+    if matcher.is_stopped():  # only EOS may follow; and tokens fed now would not roll back
+        return []
+    valid = matcher.validate_tokens(drafts)
+    kept = 0
+    for token in drafts[:valid]:
+        matcher.consume_token(token)
+        if matcher.is_stopped():
+            break
+        kept += 1
+    consumed = min(kept + 1, valid)
+    if consumed:
+        matcher.rollback(consumed)
+    return drafts[:kept]

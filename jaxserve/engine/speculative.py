@@ -18,9 +18,12 @@ With a draft model (method "draft_model"), the drafts come from the draft model 
 device and the same verification is rejection sampling against the draft's distribution
 (runner/spec_sampling.py); greedy rows are verified exactly as above.
 
-Speculative engines run every step synchronously (drafts are proposed from every known token),
-and a request with penalties, logprobs or structured output pauses speculation while it is in
-the system (its steps take the extras sampler, which verifies no drafts).
+Speculative engines run every step synchronously (drafts are proposed from every known token).
+Requests with penalties, logprobs or structured output speculate too: the row verifying a draft
+samples with the drafts before it counted as outputs (penalty history, min_tokens, the seeded
+index), with the grammar's mask after them (the n-gram proposer's drafts are cut to the prefix
+the grammar accepts), and each kept token reports its own row's logprobs. A draft model's
+drafts exist only on the device, so there requests with penalties or a grammar do not speculate.
 """
 
 from __future__ import annotations

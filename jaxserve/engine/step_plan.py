@@ -70,8 +70,23 @@ class SequenceSampling:
     # min_tokens and the seeded draw index. Steps with penalties have none in flight.
     num_in_flight: int = 0
     # structured output: i32[ceil(V/32)], bit v % 32 of word v // 32 set where token v is
-    # allowed (engine/grammar.py); None: every token is
+    # allowed (engine/grammar.py); None: every token is. A sequence carrying n drafts has
+    # i32[n + 1, ceil(V/32)], one mask per sampled row (the grammar after the drafts before it)
     token_bitmask: object = None
+
+    def verify_row(self, j: int, drafts_before: Sequence[int]) -> SequenceSampling:
+        """The inputs of the row that samples the j-th token after a sequence's known ones,
+        in a step verifying drafts: sampled as plain decoding would sample that token once the
+        drafts before it are accepted. drafts_before: those drafts when the host knows them
+        (the n-gram proposer's); a draft model's are on the device, so they count as in flight
+        (which penalties refuse: the engine gives penalised requests no draft-model drafts)."""
+        mask = self.token_bitmask
+        if mask is not None and getattr(mask, "ndim", 1) == 2:
+            mask = mask[j]
+        if drafts_before and self.params.uses_penalties:  # their history must hold the drafts
+            return dataclasses.replace(self, token_bitmask=mask, output_token_ids=(
+                *self.output_token_ids, *drafts_before))
+        return dataclasses.replace(self, token_bitmask=mask, num_in_flight=self.num_in_flight + j)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ token is the target's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -164,8 +165,11 @@ class DraftModel:
     def _propose_args(self, plan: StepPlan, slot_pages: np.ndarray, target_rows: np.ndarray,
                       base_key, step_index: int):
         s = slot_pages.shape[0]
-        md = sampling.build_sampling_metadata([q.sampling for q in plan.sequences], s,
-                                              self.cfg.vocab_size, use_penalties=False)
+        # drafts are drawn without penalties or grammar masks: the engine gives requests with
+        # those no draft-model drafts, and the target's rows verify against any q exactly
+        inputs = [dataclasses.replace(q.sampling, token_bitmask=None) for q in plan.sequences]
+        md = sampling.build_sampling_metadata(inputs, s, self.cfg.vocab_size,
+                                              use_penalties=False)
         first_pos = np.zeros(s, np.int32)
         num_drafts = np.zeros(s, np.int32)
         for i, q in enumerate(plan.sequences):

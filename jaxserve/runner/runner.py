@@ -14,7 +14,6 @@ reads what the previously dispatched step sampled for slot i (see step.py).
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import math
 import os
@@ -73,13 +72,12 @@ def _verify_rows(sequences, k: int) -> tuple[list[StepSequence], list[int]]:
             out.append(q)
             draft_index.append(-1)
             continue
-        if n and len(q.token_ids) != 1:
-            raise ValueError("draft-model drafts follow a decode's one known token")
+        if len(q.token_ids) - len(q.draft_token_ids) != 1:
+            raise ValueError("drafts follow a decode's one known token")
         tokens = list(q.token_ids) if not n else [q.token_ids[0]] + [
             in_flight_ref(len(out) + j) for j in range(n)]
-        for j, token in enumerate(tokens):
-            sampling = dataclasses.replace(q.sampling,
-                                           num_in_flight=q.sampling.num_in_flight + j)
+        for j, token in enumerate(tokens):  # row j samples the token after j drafts
+            sampling = q.sampling.verify_row(j, q.draft_token_ids[:j])
             out.append(StepSequence([token], q.start_pos + j, q.page_ids, sampling))
             draft_index.append(slot * k + j if j < n else -1)
     return out, draft_index
@@ -180,12 +178,13 @@ class ModelRunner:
         logprob steps also compute every row's logits. Each of these exists per token bucket
         from the largest sequence bucket up, so a small step is never padded to the largest."""
         s_max = self.buckets.seq_buckets[-1]
+        verify = self.draft is not None  # every step of a draft-model engine may verify
         for t, s in self.buckets.all_shapes():
-            yield StepVariant(t, s, False, False, verify_drafts=self.draft is not None)
+            yield StepVariant(t, s, False, False, verify_drafts=verify)
         for t in self.extras_token_buckets():
-            yield StepVariant(t, s_max, True, False)
+            yield StepVariant(t, s_max, True, False, verify_drafts=verify)
         for t in self.extras_token_buckets(prompt_logprobs=True):
-            yield StepVariant(t, s_max, True, True)
+            yield StepVariant(t, s_max, True, True, verify_drafts=verify)
 
     def extras_token_buckets(self, prompt_logprobs: bool = False) -> list[int]:
         """Token buckets of the extras variants (largest sequence bucket): every one from
@@ -253,9 +252,8 @@ class ModelRunner:
         num_tokens = plan.num_tokens
         t, s = self.buckets.pick(num_tokens, plan.num_sampled_rows)
         features = plan.features
-        if features.draft_tokens and (features.any or self.spec_width == 1):
-            raise ValueError("draft tokens need speculative decoding configured and a step "
-                             "without penalties, logprobs or structured output")
+        if features.draft_tokens and self.spec_width == 1:
+            raise ValueError("draft tokens need speculative decoding configured")
         if plan.num_model_drafts and self.draft is None:
             raise ValueError("draft-model drafts need a draft model (speculative_config)")
         if features.any:
@@ -263,7 +261,7 @@ class ModelRunner:
             ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
             t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
         return StepVariant(t, s, features.any, features.prompt_logprobs,
-                           verify_drafts=self.draft is not None and not features.any)
+                           verify_drafts=self.draft is not None)
 
     def _pack(self, plan: StepPlan, variant: StepVariant) -> PackedStep:
         """Host arrays of one step, padded to the variant's bucket."""
