@@ -172,29 +172,26 @@ class ModelRunner:
     # -- warm-up ---------------------------------------------------------------------------
     def _variants(self):
         """Every StepVariant the engine can issue. Plain steps (no penalties, no logprobs: the
-        common case, and the cheapest) exist at every bucket shape. Steps with an extra (token
-        penalties or logprobs, one variant for both: a neutral penalty is exact, and logprobs
-        of [S, V] cost little next to the forward) use the largest sequence bucket; prompt-
-        logprob steps also compute every row's logits. Each of these exists per token bucket
-        from the largest sequence bucket up, so a small step is never padded to the largest."""
+        common case, and the cheapest) and steps with an extra (token penalties, logprobs or
+        grammar masks, one variant for all: a neutral penalty and an all-ones mask are exact)
+        exist at every bucket shape; the two share each shape's forward program, so the
+        extras add one sampler program per sequence bucket. Prompt-logprob steps compute
+        every row's logits in their own forward, at the largest sequence bucket."""
         s_max = self.buckets.seq_buckets[-1]
         verify = self.draft is not None  # every step of a draft-model engine may verify
         for t, s in self.buckets.all_shapes():
             yield StepVariant(t, s, False, False, verify_drafts=verify)
-        for t in self.extras_token_buckets():
-            yield StepVariant(t, s_max, True, False, verify_drafts=verify)
-        for t in self.extras_token_buckets(prompt_logprobs=True):
+            yield StepVariant(t, s, True, False, verify_drafts=verify)
+        for t in self.prompt_logprob_token_buckets():
             yield StepVariant(t, s_max, True, True, verify_drafts=verify)
 
-    def extras_token_buckets(self, prompt_logprobs: bool = False) -> list[int]:
-        """Token buckets of the extras variants (largest sequence bucket): every one from
-        that bucket up; for prompt logprobs (rare, and their [T, V] work grows with T) every
-        other one and the largest, so a step pads at most 4x, never to the largest bucket."""
+    def prompt_logprob_token_buckets(self) -> list[int]:
+        """Token buckets of the prompt-logprob variants (largest sequence bucket; rare, and
+        their [T, V] work grows with T): every other one from that bucket up and the largest,
+        so a step pads at most 4x, never to the largest bucket."""
         s_max = self.buckets.seq_buckets[-1]
         ts = [t for t in self.buckets.token_buckets if t >= s_max] or [s_max]
-        if prompt_logprobs:
-            ts = sorted(set(ts[::2]) | {ts[-1]})
-        return ts
+        return sorted(set(ts[::2]) | {ts[-1]})
 
     def warmup(self, progress: bool = True) -> None:
         variants = list(self._variants())
@@ -214,7 +211,8 @@ class ModelRunner:
         jax.block_until_ready(self.kv_cache)
         self._warm_count = compile_count()
         hits, misses = cache_counts()
-        self.warmup_stats = dict(variants=len(variants), seconds=time.perf_counter() - start,
+        self.warmup_stats = dict(variants=len(variants), programs=self._num_programs,
+                                 seconds=time.perf_counter() - start,
                                  cache_hits=hits - hits0, cache_misses=misses - misses0)
         if progress:
             cache_dir = jax.config.jax_compilation_cache_dir
@@ -246,9 +244,8 @@ class ModelRunner:
         return self._run(plan, self.variant_for(plan))
 
     def variant_for(self, plan: StepPlan) -> StepVariant:
-        """The compiled variant that runs `plan`: its bucket, and one extras program for
-        penalties, logprobs and token bitmasks alike (a neutral penalty and an all-ones mask
-        are exact)."""
+        """The compiled variant that runs `plan`: its bucket, and whether it takes the extras
+        sampler (penalties, logprobs and token bitmasks alike) or computes prompt logprobs."""
         num_tokens = plan.num_tokens
         t, s = self.buckets.pick(num_tokens, plan.num_sampled_rows)
         features = plan.features
@@ -256,9 +253,9 @@ class ModelRunner:
             raise ValueError("draft tokens need speculative decoding configured")
         if plan.num_model_drafts and self.draft is None:
             raise ValueError("draft-model drafts need a draft model (speculative_config)")
-        if features.any:
+        if features.prompt_logprobs:
             s = self.buckets.seq_buckets[-1]
-            ts = self.extras_token_buckets(prompt_logprobs=features.prompt_logprobs)
+            ts = self.prompt_logprob_token_buckets()
             t = ts[bisect.bisect_left(ts, max(num_tokens, s))]
         return StepVariant(t, s, features.any, features.prompt_logprobs,
                            verify_drafts=self.draft is not None)
