@@ -55,6 +55,7 @@ class RequestResult:
     latency: float = 0.0                  # E2EL, seconds
     itl: list[float] = dataclasses.field(default_factory=list)
     generated_text: str = ""
+    logprob_tokens: int = 0               # tokens the stream gave logprobs for (--logprobs)
     error: str = ""
     start: float = 0.0                    # perf_counter at send
 
@@ -92,6 +93,8 @@ async def send_request(client, url: str, payload: dict, headers: dict,
                     last = now
                     chunks += 1
                     result.generated_text += msg["choices"][0].get("text") or ""
+                    logprobs = msg["choices"][0].get("logprobs") or {}
+                    result.logprob_tokens += len(logprobs.get("token_logprobs") or [])
                 if msg.get("usage"):
                     result.output_tokens = int(msg["usage"].get("completion_tokens", 0))
         result.latency = time.perf_counter() - start
@@ -135,6 +138,8 @@ async def run_load(args, workload, url: str, model: str | None) -> tuple[list, f
                 payload["model"] = model
             if args.ignore_eos:
                 payload["ignore_eos"] = True
+            if args.logprobs is not None:
+                payload["logprobs"] = args.logprobs
             await send_request(client, url, payload, headers, results[i])
             in_flight -= 1
 
@@ -184,6 +189,8 @@ def calculate_metrics(results: list[RequestResult], duration: float,
     m = {
         "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
         "total_input_tokens": n_in, "total_output_tokens": n_out,
+        # with --logprobs: the tokens that came with logprobs (a server ignoring them shows)
+        "total_logprob_tokens": sum(r.logprob_tokens for r in ok),
         "request_throughput": len(ok) / duration,
         "request_goodput": good / duration if slos else None,
         "output_throughput": n_out / duration, "total_token_throughput": (n_in + n_out) / duration,
@@ -205,6 +212,8 @@ def print_report(m: dict, percentiles: list[float], slos: dict) -> None:
             ("Total input tokens:", m["total_input_tokens"]),
             ("Total generated tokens:", m["total_output_tokens"]),
             ("Request throughput (req/s):", f"{m['request_throughput']:.2f}")]
+    if m["total_logprob_tokens"]:
+        rows.insert(5, ("Tokens with logprobs:", m["total_logprob_tokens"]))
     if slos:
         rows.append(("Request goodput (req/s):", f"{m['request_goodput']:.2f}"))
     rows += [("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}"),
@@ -256,6 +265,8 @@ def parse_args(argv=None):
                    help="stop dispatching new requests after this many seconds")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="every request also asks for this many top logprobs per token")
     p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                    help="SLOs, e.g. ttft:200 tpot:50 (names: ttft, tpot, e2el)")
     p.add_argument("--metric-percentiles", default="50,90,99")

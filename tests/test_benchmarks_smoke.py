@@ -201,6 +201,8 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             time.sleep(0.002)
             chunk = {"object": "text_completion", "usage": None, "choices": [
                 {"index": 0, "text": f" t{i}", "finish_reason": "length" if i == n - 1 else None}]}
+            if body.get("logprobs") is not None:
+                chunk["choices"][0]["logprobs"] = {"tokens": [f" t{i}"], "token_logprobs": [-0.5]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
         usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n,
@@ -244,6 +246,16 @@ def test_serving_against_fake_server(fake_server, tmp_path):
     sent = _FakeOpenAI.received
     assert len(sent) == 8 and all(b["model"] == "fake-model" and b["ignore_eos"] for b in sent)
     assert all(len(b["prompt"]) == 12 and b["stream_options"]["include_usage"] for b in sent)
+
+
+def test_serving_asks_for_logprobs_and_counts_the_tokens_given_them(fake_server, tmp_path):
+    out = tmp_path / "serving.json"
+    _run("serving.py", "--base-url", fake_server, "--random-input-len", "4",
+         "--random-output-len", "5", "--num-prompts", "3", "--logprobs", "2",
+         "--save-result", str(out), timeout=60)
+    data = json.loads(out.read_text())
+    assert all(b["logprobs"] == 2 for b in _FakeOpenAI.received)
+    assert data["total_output_tokens"] == data["total_logprob_tokens"] == 15
 
 
 def test_serving_stops_dispatching_at_max_seconds(fake_server, tmp_path):
