@@ -79,12 +79,19 @@ def _assert_same(got, want, logprobs: bool):
             assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-3)
 
 
-def _with_oracle(llm, prompts, reference, k=3):  # k: SPEC's
-    """Swap in a proposer of the reference continuations; returns the previous proposer."""
-    saved = llm.engine.proposer
-    llm.engine.proposer = OracleProposer(k, {tuple(p): list(r[0].token_ids)
-                                             for p, r in zip(prompts, reference)})
-    return saved
+def _oracle_run(llm, prompts, params, reference) -> tuple[int, int]:
+    """Generate again with a proposer of the reference continuations (k = SPEC's) and check
+    the outputs equal the reference; returns (drafted, accepted) tokens of that run."""
+    engine, saved = llm.engine, llm.engine.proposer
+    engine.proposer = OracleProposer(3, {tuple(p): list(r[0].token_ids)
+                                         for p, r in zip(prompts, reference)})
+    try:
+        before = _counters(llm)
+        _assert_same(_outputs(llm, prompts, params), reference, logprobs=True)
+        drafted, accepted = (a - b for a, b in zip(_counters(llm), before))
+    finally:
+        engine.proposer = saved
+    return drafted, accepted
 
 
 # -- the grammar's share: which drafts a constrained sequence verifies, and its masks ---------
@@ -152,14 +159,8 @@ def test_logprobs_requests_speculate_and_report_each_kept_token(plain, ngram):
     assert _counters(ngram)[0] > before[0]  # drafts were verified (the oracle's are kept)
     only_logprobs = [LOGPROBS[0]] * len(PROMPTS)
     want = _outputs(plain, PROMPTS, only_logprobs)
-    saved = _with_oracle(ngram, PROMPTS, want)
-    try:
-        before = _counters(ngram)
-        _assert_same(_outputs(ngram, PROMPTS, only_logprobs), want, logprobs=True)
-        drafted, accepted = (a - b for a, b in zip(_counters(ngram), before))
-        assert drafted > 0 and accepted == drafted
-    finally:
-        ngram.engine.proposer = saved
+    drafted, accepted = _oracle_run(ngram, PROMPTS, only_logprobs, want)
+    assert drafted > 0 and accepted == drafted
     assert ngram.engine.runner.compiles_since_warmup() == 0
     _pool_whole(ngram)
 
@@ -179,14 +180,8 @@ def test_penalised_requests_count_the_drafts_before_each_row(plain, ngram):
     drafts before it: a row that missed them would sample another token there."""
     want = _outputs(plain, PROMPTS, PENALTIES)
     _assert_same(_outputs(ngram, PROMPTS, PENALTIES), want, logprobs=False)
-    saved = _with_oracle(ngram, PROMPTS, want)
-    try:
-        before = _counters(ngram)
-        _assert_same(_outputs(ngram, PROMPTS, PENALTIES), want, logprobs=False)
-        drafted, accepted = (a - b for a, b in zip(_counters(ngram), before))
-        assert drafted >= 3 * len(PROMPTS) and accepted == drafted
-    finally:
-        ngram.engine.proposer = saved
+    drafted, accepted = _oracle_run(ngram, PROMPTS, PENALTIES, want)
+    assert drafted >= 3 * len(PROMPTS) and accepted == drafted
     _pool_whole(ngram)
 
 
@@ -209,14 +204,8 @@ def test_constrained_requests_verify_drafts_under_their_masks(plain, ngram):
     want = _outputs(plain, PROMPTS, CONSTRAINED)
     assert re.fullmatch(REGEX, want[0][0].text) and want[0][0].finish_reason == "stop"
     _assert_same(_outputs(ngram, PROMPTS, CONSTRAINED), want, logprobs=True)
-    saved = _with_oracle(ngram, PROMPTS, want)
-    try:
-        before = _counters(ngram)
-        _assert_same(_outputs(ngram, PROMPTS, CONSTRAINED), want, logprobs=True)
-        drafted, accepted = (a - b for a, b in zip(_counters(ngram), before))
-        assert drafted > len(PROMPTS) and accepted == drafted
-    finally:
-        ngram.engine.proposer = saved
+    drafted, accepted = _oracle_run(ngram, PROMPTS, CONSTRAINED, want)
+    assert drafted > len(PROMPTS) and accepted == drafted
     assert ngram.engine.runner.compiles_since_warmup() == 0
     _pool_whole(ngram)
 
