@@ -4,8 +4,9 @@ that verifies a draft samples as plain decoding would once the drafts before it 
 kept token reports its own row's logprobs. So outputs equal plain decoding's, token for token,
 with logprobs within float noise; an oracle proposing plain decoding's own continuation has
 every draft accepted (a wrong history or mask would reject some). Drafts are cut to what the
-grammar accepts, short of finishing it; a draft model gives penalised and constrained requests
-no drafts while the others keep speculating."""
+grammar accepts, short of finishing it; a draft model gives constrained requests no drafts
+while the others keep speculating; it speculates for penalised ones, whose rows
+add the drafts before them to their history on the device."""
 
 from __future__ import annotations
 
@@ -212,7 +213,8 @@ def test_constrained_requests_verify_drafts_under_their_masks(plain, ngram):
 
 # -- a draft model --------------------------------------------------------------------------------
 
-def test_a_draft_model_speculates_for_logprobs_but_not_penalties_or_grammars(plain, self_draft):
+def test_a_draft_model_speculates_for_logprobs_and_penalties_but_not_grammars(plain,
+                                                                              self_draft):
     greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     with_logprobs = dataclasses.replace(greedy, logprobs=2)
     want = _outputs(plain, PROMPTS, with_logprobs)
@@ -220,11 +222,20 @@ def test_a_draft_model_speculates_for_logprobs_but_not_penalties_or_grammars(pla
     _assert_same(_outputs(self_draft, PROMPTS, with_logprobs), want, logprobs=True)
     drafted, accepted = (a - b for a, b in zip(_counters(self_draft), before))
     assert drafted > 0 and accepted == drafted  # the draft is the target: all accepted
-    no_drafts = [PENALTIES[0], CONSTRAINED[0], PENALTIES[1], CONSTRAINED[2]]
-    want = _outputs(plain, PROMPTS, no_drafts)
+    # greedy penalised requests: the draft proposes without penalties, the target's rows add
+    # the drafts before them (on the device) to their history, so outputs stay plain's
+    penalised = [PENALTIES[0], PENALTIES[2], PENALTIES[0], dataclasses.replace(
+        PENALTIES[0], repetition_penalty=1.0, frequency_penalty=2.0)]
+    want = _outputs(plain, PROMPTS, penalised)
     before = _counters(self_draft)
-    _assert_same(_outputs(self_draft, PROMPTS, no_drafts), want, logprobs=False)
-    assert _counters(self_draft) == before
+    _assert_same(_outputs(self_draft, PROMPTS, penalised), want, logprobs=False)
+    drafted, accepted = (a - b for a, b in zip(_counters(self_draft), before))
+    assert 0 < accepted < drafted
+    constrained = [CONSTRAINED[0], CONSTRAINED[2], CONSTRAINED[0], CONSTRAINED[2]]
+    want = _outputs(plain, PROMPTS, constrained)
+    before = _counters(self_draft)
+    _assert_same(_outputs(self_draft, PROMPTS, constrained), want, logprobs=False)
+    assert _counters(self_draft) == before  # no drafts for grammars
     mixed = [PENALTIES[0], greedy, CONSTRAINED[0], with_logprobs]  # the others still draft
     want = _outputs(plain, PROMPTS, mixed)
     before = _counters(self_draft)

@@ -152,9 +152,9 @@ class LLMEngine:
         """Drafts for every running decode. Each row verifying a draft samples as plain
         decoding would once the drafts before it are accepted, extras included: penalties count
         those drafts in the history, the grammar mask is the one after them, logprobs are
-        reported per kept token. A draft model makes its drafts on the device, where neither
-        the history nor the grammar is: there requests with penalties or structured output do
-        not speculate (the others still do)."""
+        reported per kept token. A draft model makes its drafts on the device, where the
+        sampler adds them to the penalty history but no grammar is: there constrained requests
+        do not speculate (the others still do)."""
         for req in self.scheduler.running:  # drafts never outlive the step they were made for
             req.spec_token_ids = []
         limit = self.config.speculative.disable_by_batch_size
@@ -165,9 +165,7 @@ class LLMEngine:
                 req.spec_token_ids = self._drafts_for(req)
 
     def _drafts_for(self, req: Request) -> list[int]:
-        params = req.sampling_params
-        if self.has_draft_model and (params.uses_penalties
-                                     or params.structured_outputs is not None):
+        if self.has_draft_model and req.sampling_params.structured_outputs is not None:
             return []
         drafts = self.proposer.propose(req.all_token_ids)
         matcher = self._matcher_of(req)

@@ -23,7 +23,8 @@ Requests with penalties, logprobs or structured output speculate too: the row ve
 samples with the drafts before it counted as outputs (penalty history, min_tokens, the seeded
 index), with the grammar's mask after them (the n-gram proposer's drafts are cut to the prefix
 the grammar accepts), and each kept token reports its own row's logprobs. A draft model's
-drafts exist only on the device, so there requests with penalties or a grammar do not speculate.
+drafts exist only on the device: the sampler adds them to the penalty history there, but no
+grammar runs there, so with a draft model constrained requests do not speculate.
 """
 
 from __future__ import annotations

@@ -67,26 +67,30 @@ class SequenceSampling:
     # number stands in
     salt: int | None = None
     # Outputs sampled by steps still in flight, after output_token_ids: they count toward
-    # min_tokens and the seeded draw index. Steps with penalties have none in flight.
+    # min_tokens and the seeded draw index. Steps with penalties have none in flight, except
+    # a draft model's drafts, which the sampler reads on the device (num_device_drafts of them)
     num_in_flight: int = 0
     # structured output: i32[ceil(V/32)], bit v % 32 of word v // 32 set where token v is
     # allowed (engine/grammar.py); None: every token is. A sequence carrying n drafts has
     # i32[n + 1, ceil(V/32)], one mask per sampled row (the grammar after the drafts before it)
     token_bitmask: object = None
+    num_device_drafts: int = 0
 
     def verify_row(self, j: int, drafts_before: Sequence[int]) -> SequenceSampling:
         """The inputs of the row that samples the j-th token after a sequence's known ones,
         in a step verifying drafts: sampled as plain decoding would sample that token once the
         drafts before it are accepted. drafts_before: those drafts when the host knows them
         (the n-gram proposer's); a draft model's are on the device, so they count as in flight
-        (which penalties refuse: the engine gives penalised requests no draft-model drafts)."""
+        and the sampler adds them to the penalty history there."""
         mask = self.token_bitmask
         if mask is not None and getattr(mask, "ndim", 1) == 2:
             mask = mask[j]
         if drafts_before and self.params.uses_penalties:  # their history must hold the drafts
             return dataclasses.replace(self, token_bitmask=mask, output_token_ids=(
                 *self.output_token_ids, *drafts_before))
-        return dataclasses.replace(self, token_bitmask=mask, num_in_flight=self.num_in_flight + j)
+        device = j - len(drafts_before)
+        return dataclasses.replace(self, token_bitmask=mask, num_in_flight=self.num_in_flight + j,
+                                   num_device_drafts=self.num_device_drafts + device)
 
 
 @dataclasses.dataclass(frozen=True)

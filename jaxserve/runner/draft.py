@@ -165,8 +165,8 @@ class DraftModel:
     def _propose_args(self, plan: StepPlan, slot_pages: np.ndarray, target_rows: np.ndarray,
                       base_key, step_index: int):
         s = slot_pages.shape[0]
-        # drafts are drawn without penalties or grammar masks: the engine gives requests with
-        # those no draft-model drafts, and the target's rows verify against any q exactly
+        # drafts are drawn without penalties or grammar masks: the target's rows apply the
+        # penalties and verify against any q exactly; constrained requests get no drafts
         inputs = [dataclasses.replace(q.sampling, token_bitmask=None) for q in plan.sequences]
         md = sampling.build_sampling_metadata(inputs, s, self.cfg.vocab_size,
                                               use_penalties=False)

@@ -54,7 +54,7 @@ class StepVariant(NamedTuple):
                     verify_drafts=self.verify_drafts)
 
 
-def _verify_rows(sequences, k: int) -> tuple[list[StepSequence], list[int]]:
+def _verify_rows(sequences, k: int) -> tuple[list[StepSequence], list[int], list[tuple]]:
     """A sequence carrying n drafts (its last known token, then the drafts) becomes n + 1
     one-token sequences over the same page table, the j-th seeing the context up to its own
     position: the same causal attention as one n+1-token chunk (all K/V is written before any
@@ -63,24 +63,27 @@ def _verify_rows(sequences, k: int) -> tuple[list[StepSequence], list[int]]:
 
     A draft model's drafts are on the device: row j >= 1 feeds in_flight_ref(its previous row),
     which reads the draft that row verifies (runner/draft.py lays them out per row). Returns
-    the rows and, per row, the flat index slot * k + j of the draft-model draft it verifies
-    (-1: none)."""
-    out, draft_index = [], []
+    the rows, per row the flat index slot * k + j of the draft-model draft it verifies (-1:
+    none), and per row the rows verifying the draft-model drafts before its token."""
+    out, draft_index, rows_before = [], [], []
     for slot, q in enumerate(sequences):
         n = q.num_model_drafts
         if not q.draft_token_ids and not n:
             out.append(q)
             draft_index.append(-1)
+            rows_before.append(())
             continue
         if len(q.token_ids) - len(q.draft_token_ids) != 1:
             raise ValueError("drafts follow a decode's one known token")
+        first = len(out)
         tokens = list(q.token_ids) if not n else [q.token_ids[0]] + [
-            in_flight_ref(len(out) + j) for j in range(n)]
+            in_flight_ref(first + j) for j in range(n)]
         for j, token in enumerate(tokens):  # row j samples the token after j drafts
             sampling = q.sampling.verify_row(j, q.draft_token_ids[:j])
             out.append(StepSequence([token], q.start_pos + j, q.page_ids, sampling))
             draft_index.append(slot * k + j if j < n else -1)
-    return out, draft_index
+            rows_before.append(tuple(range(first, first + j)) if n else ())
+    return out, draft_index, rows_before
 
 
 class PackedStep(NamedTuple):
@@ -263,10 +266,10 @@ class ModelRunner:
     def _pack(self, plan: StepPlan, variant: StepVariant) -> PackedStep:
         """Host arrays of one step, padded to the variant's bucket."""
         t, s = variant.num_tokens, variant.num_seqs
-        seqs, draft_index = plan.sequences, []
+        seqs, draft_index, rows_before = plan.sequences, [], []
+        k = self.spec_width - 1
         if plan.features.draft_tokens:
-            k = self.spec_width - 1
-            seqs, draft_index = _verify_rows(plan.sequences, k)
+            seqs, draft_index, rows_before = _verify_rows(plan.sequences, k)
         batch = pack_batch(seqs, t, s, self.pages_per_seq, self.page_size, self.num_pages)
         if variant.all_logits:
             batch = batch.replace(logits_indices=np.arange(t, dtype=np.int32))
@@ -280,6 +283,11 @@ class ModelRunner:
         target_rows = np.full(self.buckets.seq_buckets[-1], -1, np.int32)
         target_rows[:len(draft_index)] = draft_index
         md = md.replace(draft_index=target_rows[:s].copy())
+        if variant.verify_drafts:  # the penalty history's draft-model drafts, by row
+            before = np.full((s, k), -1, np.int32)
+            for row, rows in enumerate(rows_before):
+                before[row, :len(rows)] = rows
+            md = md.replace(draft_rows_before=before)
         # prompt-logprob targets per token row, read only by the prompt-logprob forward
         targets = np.zeros(t if variant.all_logits else 1, np.int32)
         row = 0

@@ -67,6 +67,9 @@ class SamplingMetadata:
     # i32[S]: speculative decoding with a draft model, the row's index into the step's draft
     # probabilities (runner/spec_sampling.py); -1 where the row verifies no draft
     draft_index: jnp.ndarray
+    # i32[S, K]: the rows whose drafts come before this row's token (-1 padded); their drafts,
+    # on the device, join the row's penalty history
+    draft_rows_before: jnp.ndarray
 
 
 @struct.dataclass
@@ -190,7 +193,7 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
     if use_penalties:
         for i, s in enumerate(seqs):
             if needs_penalties(s):  # rows without penalties need no history
-                if s.num_in_flight:
+                if s.num_in_flight > s.num_device_drafts:
                     raise ValueError("penalties need every output token on the host; schedule "
                                      "penalty steps without tokens in flight")
                 n_p = len(s.prompt_token_ids)
@@ -211,6 +214,7 @@ def build_sampling_metadata(inputs: Sequence[Any], padded_num_seqs: int,
 
     return SamplingMetadata(
         token_bitmask=bitmask, draft_index=np.full(S, -1, np.int32),
+        draft_rows_before=np.full((S, 1), -1, np.int32),
         # t > 0 never turns greedy on the device, however small (0 is the only greedy value).
         temperature=column([p.temperature and max(p.temperature, GREEDY_EPS) for p in params],
                            np.float32, 0.0),
@@ -391,6 +395,10 @@ def sample(logits: jnp.ndarray, md: SamplingMetadata, base_key: jnp.ndarray, *,
     """
     logits = logits.astype(jnp.float32)                                   # f32[S, V]
     S, V = logits.shape
+    if drafts is not None and use_penalties:  # a draft model's drafts join the history
+        before = md.draft_rows_before                                     # i32[S, K]
+        drafted = jnp.where(before >= 0, drafts[0][jnp.maximum(before, 0)], -1)
+        md = md.replace(penalty_token_ids=jnp.concatenate([md.penalty_token_ids, drafted], 1))
     if use_bitmask:
         logits = apply_token_bitmask(logits, md.token_bitmask)
     adjusted = apply_logit_adjustments(logits, md, use_penalties=use_penalties)

@@ -36,8 +36,9 @@ def draft_sample(logits: jnp.ndarray, md: sampling.SamplingMetadata,
                  base_key: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One draft per row of the draft model's logits f32[S, V]: (ids i32[S], q f32[S, V], the
     distribution each random row's draft was drawn from; zeros on greedy rows, whose drafts
-    are the argmax). Penalties and grammars never reach here (their requests do not
-    speculate)."""
+    are the argmax). Penalties do not shape q (the target's rows apply them, and rejection
+    sampling is exact for any q); grammars never reach here (their requests do not speculate
+    with a draft model)."""
     logits = logits.astype(jnp.float32)
     S, V = logits.shape
     adjusted = sampling.apply_logit_adjustments(logits, md, use_penalties=False)
