@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    '"num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     p.add_argument("--logprobs", type=int, default=None,
                    help="every request also asks for this many top logprobs (the extras step)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="every request also sets this repetition_penalty (the extras step)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -65,13 +67,14 @@ def workloads(tok, n: int, seed: int = 0) -> dict[str, list[list[int]]]:
     return {"copy": copy, "random": randoms}
 
 
-def run(llm, prompts, output_len: int, logprobs: int | None = None) -> dict:
+def run(llm, prompts, output_len: int, logprobs: int | None = None,
+        repetition_penalty: float = 1.0) -> dict:
     from jaxserve import SamplingParams
     engine = llm.engine
     counters0 = (engine.spec_num_draft_tokens, engine.spec_num_accepted_tokens,
                  engine.spec_num_drafts, engine.num_steps)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
-                            logprobs=logprobs)
+                            logprobs=logprobs, repetition_penalty=repetition_penalty)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -99,12 +102,14 @@ def main(argv=None) -> int:
     report = {"model": model, "speculative_config": json.loads(args.speculative_config),
               "num_requests": args.num_requests, "output_len": args.output_len,
               "max_num_seqs": args.max_num_seqs, "logprobs": args.logprobs,
+              "repetition_penalty": args.repetition_penalty,
               "date": time.strftime("%Y-%m-%d")}
     for name, prompts in loads.items():
+        extras = (args.logprobs, args.repetition_penalty)
         for llm in (plain, spec):  # warm caches on both
-            run(llm, prompts[:2], 4, args.logprobs)
-        a = run(plain, prompts, args.output_len, args.logprobs)
-        b = run(spec, prompts, args.output_len, args.logprobs)
+            run(llm, prompts[:2], 4, *extras)
+        a = run(plain, prompts, args.output_len, *extras)
+        b = run(spec, prompts, args.output_len, *extras)
         same = sum(x == y for x, y in zip(a.pop("token_ids"), b.pop("token_ids")))
         report[name] = {"plain": a, "speculative": b, "identical": same,
                         "speedup": b["output_tokens_per_s"] / a["output_tokens_per_s"]}
