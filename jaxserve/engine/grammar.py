@@ -192,14 +192,12 @@ def draft_prefix(matcher, drafts: list[int]) -> list[int]:
     of its step, where the engine ends the request, as without speculation."""
     if matcher.is_stopped():  # only EOS may follow; and tokens fed now would not roll back
         return []
-    valid = matcher.validate_tokens(drafts)
-    kept = 0
-    for token in drafts[:valid]:
+    kept = drafts[:matcher.validate_tokens(drafts)]
+    for i, token in enumerate(kept):
         matcher.consume_token(token)
         if matcher.is_stopped():
-            break
-        kept += 1
-    consumed = min(kept + 1, valid)
-    if consumed:
-        matcher.rollback(consumed)
-    return drafts[:kept]
+            matcher.rollback(i + 1)
+            return kept[:i]
+    if kept:
+        matcher.rollback(len(kept))
+    return kept

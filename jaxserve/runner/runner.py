@@ -283,7 +283,7 @@ class ModelRunner:
         target_rows = np.full(self.buckets.seq_buckets[-1], -1, np.int32)
         target_rows[:len(draft_index)] = draft_index
         md = md.replace(draft_index=target_rows[:s].copy())
-        if variant.verify_drafts:  # the penalty history's draft-model drafts, by row
+        if variant.verify_drafts and variant.extras:  # penalty history: draft-model drafts
             before = np.full((s, k), -1, np.int32)
             for row, rows in enumerate(rows_before):
                 before[row, :len(rows)] = rows
